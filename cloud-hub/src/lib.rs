@@ -1,0 +1,42 @@
+//! Spillway's cloud side.
+//!
+//! The hub grows into the fleet's control plane (agent sessions, replicas, model rollouts,
+//! dashboard). Today it carries the operator commands that need no fleet: checking that the
+//! sample models load and run with the same runner the agents use.
+
+use models::{LoadedModel, zoo};
+
+/// One line of `cloud-hub zoo`: a sample model, checked by loading and running it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZooCheck {
+    /// Model name.
+    pub name: &'static str,
+    /// Its input shape.
+    pub input_shape: Vec<usize>,
+    /// Its outputs.
+    pub outputs: Vec<String>,
+    /// The score for an all-zero window.
+    pub zero_score: f32,
+}
+
+/// Loads, optimises and runs every sample model on a zero window.
+pub fn check_zoo() -> Result<Vec<ZooCheck>, models::ModelError> {
+    zoo::ALL
+        .iter()
+        .map(|m| {
+            let runner = LoadedModel::from_bytes(m.onnx)?.optimize(Some(m.input_shape))?;
+            let outputs = runner.run(&vec![0.0; runner.input_len()])?;
+            let score = outputs
+                .iter()
+                .find(|o| o.name == m.score_output)
+                .and_then(|o| o.data.first().copied())
+                .unwrap_or(f32::NAN);
+            Ok(ZooCheck {
+                name: m.name,
+                input_shape: runner.input_shape().to_vec(),
+                outputs: runner.output_names().to_vec(),
+                zero_score: score,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,324 @@
+//! The agent's driver: one task moves MQTT events, the rest is plain state and threads.
+//!
+//! [`run`] loads the models, starts the worker pool, a publisher task (results → MQTT QoS 1)
+//! and a status task (retained status every few seconds), then polls the MQTT event loop,
+//! handing publishes to [`Ingest`]. Connection loss is retried with doubling backoff; every
+//! (re)connection resubscribes and republishes the online status. On shutdown the agent
+//! unsubscribes, lets the workers finish the queue, publishes every result, waits (bounded)
+//! for the broker's acknowledgements, marks itself offline and disconnects.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use protocol::edge::{OFFLINE, Status, Topics};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::ingest::Ingest;
+use crate::pool::{Outgoing, Pool};
+use crate::serving::ServedModel;
+use crate::status::Sampler;
+use crate::telemetry::{Counters, LogLimiter};
+
+/// What a finished run did, for the caller's last word.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Every counter at the end.
+    pub counters: std::collections::BTreeMap<String, u64>,
+    /// Whether every QoS 1 publish was acknowledged before the drain timeout.
+    pub drained: bool,
+}
+
+struct Shared {
+    counters: Arc<Counters>,
+    sensors: Arc<AtomicUsize>,
+    /// QoS 1 publishes handed to the client (results and status).
+    qos1_sent: AtomicU64,
+    /// PUBACKs received.
+    qos1_acked: AtomicU64,
+}
+
+/// Runs the agent until `shutdown` is cancelled, then drains and returns.
+///
+/// Cancel-safe in the sense that matters: cancelling `shutdown` (not dropping the future)
+/// is the way to stop it, and it then finishes in-flight work before returning.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {
+    let models: Arc<[ServedModel]> = ServedModel::load_all(&config)?.into();
+    for m in models.iter() {
+        tracing::info!(model = %m.name, version = m.version, window = m.window, stride = m.stride, "model ready");
+    }
+    let topics = Topics::new(&config.agent.site, &config.agent.gateway);
+    let shared = Arc::new(Shared {
+        counters: Arc::new(Counters::default()),
+        sensors: Arc::new(AtomicUsize::new(0)),
+        qos1_sent: AtomicU64::new(0),
+        qos1_acked: AtomicU64::new(0),
+    });
+
+    let mut options = MqttOptions::new(
+        config.client_id(),
+        config.mqtt.host.clone(),
+        config.mqtt.port,
+    );
+    options
+        .set_keep_alive(Duration::from_secs(config.mqtt.keep_alive_secs))
+        .set_clean_session(true)
+        .set_max_packet_size(config.mqtt.max_packet_bytes, config.mqtt.max_packet_bytes)
+        .set_last_will(LastWill::new(
+            topics.status(),
+            OFFLINE,
+            QoS::AtLeastOnce,
+            true,
+        ));
+    if let (Some(user), Some(pass)) = (&config.mqtt.username, &config.mqtt.password) {
+        options.set_credentials(user.clone(), pass.clone());
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, config.mqtt.request_capacity);
+
+    let (results_tx, results_rx) = tokio::sync::mpsc::channel(config.agent.queue_capacity);
+    let workers = config.worker_count();
+    let pool = Pool::start(
+        workers,
+        config.agent.queue_capacity,
+        Arc::clone(&models),
+        topics.clone(),
+        results_tx,
+        Arc::clone(&shared.counters),
+    )?;
+    let queue_probe = pool.probe();
+    tracing::info!(
+        workers,
+        queue = config.agent.queue_capacity,
+        "worker pool started"
+    );
+    let publisher = tokio::spawn(publish_results(
+        client.clone(),
+        results_rx,
+        Arc::clone(&shared),
+    ));
+
+    let status_stop = CancellationToken::new();
+    let status_task = {
+        let client = client.clone();
+        let shared = Arc::clone(&shared);
+        let topic = topics.status();
+        let interval = Duration::from_secs(config.agent.status_interval_secs);
+        let capacity = config.agent.queue_capacity;
+        let stop = status_stop.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut sampler = Sampler::new();
+            let mut ticks = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ticks.tick() => {}
+                }
+                let load = sampler.sample();
+                let status = Status {
+                    state: "online".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    uptime_secs: started.elapsed().as_secs(),
+                    cpu_percent: load.cpu_percent,
+                    rss_bytes: load.rss_bytes,
+                    mem_used_bytes: load.mem_used_bytes,
+                    mem_total_bytes: load.mem_total_bytes,
+                    queue_depth: queue_probe.len(),
+                    queue_capacity: capacity,
+                    workers,
+                    sensors: shared.sensors.load(Ordering::Relaxed),
+                    counters: shared.counters.snapshot(),
+                };
+                let payload = serde_json::to_vec(&status).unwrap_or_default();
+                if client
+                    .publish(topic.as_str(), QoS::AtLeastOnce, true, payload)
+                    .await
+                    .is_ok()
+                {
+                    shared.qos1_sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+
+    let mut ingest = Ingest::new(
+        &config,
+        Arc::clone(&models),
+        Arc::clone(&shared.counters),
+        Arc::clone(&shared.sensors),
+    );
+    let mut limiter = LogLimiter::new(Duration::from_secs(5));
+    let backoff_min = Duration::from_millis(config.mqtt.reconnect_min_ms);
+    let backoff_max = Duration::from_millis(config.mqtt.reconnect_max_ms);
+    let mut backoff = backoff_min;
+    let filter = topics.data_filter();
+
+    // Phase 1: serve until asked to stop.
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let now = Instant::now();
+                ingest.handle_publish(&publish.topic, &publish.payload, now, unix_now(), |job| {
+                    pool.try_submit(job)
+                });
+            }
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = backoff_min;
+                Counters::bump(&shared.counters.mqtt_connects);
+                tracing::info!(host = %config.mqtt.host, port = config.mqtt.port, "connected to the broker");
+                // The request channel may be full of results after an outage; subscribing
+                // must not wait behind them in this task, which is the one that drains it.
+                let client = client.clone();
+                let filter = filter.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
+                        tracing::warn!("cannot subscribe: {e}");
+                    }
+                });
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                shared.qos1_acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                tracing::info!(filter = %filter, codes = ?ack.return_codes, "subscribed");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                Counters::bump(&shared.counters.mqtt_connection_errors);
+                if let Some(suppressed) = limiter.allow("mqtt", Instant::now()) {
+                    tracing::warn!(
+                        suppressed,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "broker connection: {e}"
+                    );
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(backoff_max);
+            }
+        }
+    }
+
+    // Phase 2: stop taking input. Windows that arrive before the broker confirms the
+    // unsubscribe are still served.
+    tracing::info!("shutting down: draining in-flight work");
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(config.agent.drain_timeout_ms);
+    status_stop.cancel();
+    if client.try_unsubscribe(filter).is_ok() {
+        let unsubscribed = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(event) =
+            tokio::time::timeout_at(unsubscribed.min(deadline), eventloop.poll()).await
+        {
+            match event {
+                Ok(Event::Incoming(Packet::UnsubAck(_))) => break,
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    ingest.handle_publish(
+                        &publish.topic,
+                        &publish.payload,
+                        Instant::now(),
+                        unix_now(),
+                        |job| pool.try_submit(job),
+                    );
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    shared.qos1_acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    // Phase 3: finish the queue, publish every result and await the acknowledgements.
+    let closing = tokio::task::spawn_blocking(move || pool.close());
+    let mut publisher: Option<JoinHandle<()>> = Some(publisher);
+    let mut closing = Some(closing);
+    let drained = loop {
+        if closing.as_ref().is_some_and(JoinHandle::is_finished) {
+            closing = None;
+        }
+        if closing.is_none() && publisher.as_ref().is_some_and(JoinHandle::is_finished) {
+            publisher = None;
+        }
+        let all_acked =
+            shared.qos1_acked.load(Ordering::Relaxed) >= shared.qos1_sent.load(Ordering::Relaxed);
+        if publisher.is_none() && all_acked {
+            break true;
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            break false;
+        }
+        // Poll in short slices so the pool and the publisher are checked often.
+        match tokio::time::timeout(remaining.min(Duration::from_millis(20)), eventloop.poll()).await
+        {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                shared.qos1_acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
+                Counters::bump(&shared.counters.messages_after_shutdown);
+            }
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) => {
+                Counters::bump(&shared.counters.mqtt_connection_errors);
+                tracing::debug!("broker connection while draining: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    if !drained {
+        tracing::warn!(
+            sent = shared.qos1_sent.load(Ordering::Relaxed),
+            acked = shared.qos1_acked.load(Ordering::Relaxed),
+            "drain timeout: not every result was acknowledged"
+        );
+    }
+    let _ = status_task.await;
+    // A clean stop says so itself; the last will is only for a vanished agent.
+    let _ = client.try_publish(topics.status(), QoS::AtLeastOnce, true, OFFLINE);
+    let _ = client.try_disconnect();
+    let bye = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Ok(event)) = tokio::time::timeout_at(bye, eventloop.poll()).await {
+        if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+            break;
+        }
+    }
+    let counters = shared.counters.snapshot();
+    tracing::info!(?counters, drained, "stopped");
+    Ok(RunSummary { counters, drained })
+}
+
+async fn publish_results(
+    client: AsyncClient,
+    mut results: tokio::sync::mpsc::Receiver<Outgoing>,
+    shared: Arc<Shared>,
+) {
+    while let Some(Outgoing { topic, payload }) = results.recv().await {
+        match client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+        {
+            Ok(()) => {
+                shared.qos1_sent.fetch_add(1, Ordering::Relaxed);
+                Counters::bump(&shared.counters.results_published);
+            }
+            Err(e) => tracing::error!("MQTT client closed, result lost: {e}"),
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}

@@ -1,0 +1,455 @@
+//! The agent's configuration: one TOML file plus `SPILLWAY__SECTION__KEY` overrides.
+//!
+//! Loading goes through the `config` crate; every struct denies unknown keys, so a typo is an
+//! error at start rather than a silently ignored setting. Units are in the names (`_ms`,
+//! `_secs`, `_bytes`). [`AgentConfig::validate`] checks what serde cannot (ranges, references
+//! between sections) and reports every problem at once. Tests build configs from strings with
+//! an explicit environment map; nothing here reads the process environment unless asked to.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Largest window any model may use, in samples (the per-sensor buffers are this big).
+pub const MAX_WINDOW: usize = 1024;
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Identity and limits of this agent.
+    pub agent: AgentSection,
+    /// The MQTT broker.
+    #[serde(default)]
+    pub mqtt: MqttSection,
+    /// The models the agent runs.
+    pub models: Vec<ModelSection>,
+    /// Which sensor feeds which model.
+    #[serde(default)]
+    pub sensors: SensorsSection,
+}
+
+/// `[agent]`: identity, worker pool and limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Site name, the second level of every topic.
+    pub site: String,
+    /// Gateway name, the third level of every topic.
+    pub gateway: String,
+    /// Inference worker threads; 0 means one per core.
+    #[serde(default)]
+    pub workers: usize,
+    /// Windows that may wait for a worker; beyond this, windows are shed and counted.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Largest sensor payload accepted.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: usize,
+    /// How often the retained status is refreshed.
+    #[serde(default = "default_status_interval_secs")]
+    pub status_interval_secs: u64,
+    /// How long a shutdown waits for in-flight work and acknowledgements.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+/// `[mqtt]`: the broker and reconnection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    /// Broker host.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Broker port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Client id; empty means `spillway-<site>-<gateway>`.
+    #[serde(default)]
+    pub client_id: String,
+    /// User name, if the broker wants one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password, if the broker wants one.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// MQTT keep-alive.
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
+    /// First reconnection delay; it doubles up to `reconnect_max_ms`.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnection delay.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    /// Largest MQTT packet the client reads; bigger packets break the connection, so keep it
+    /// well above `agent.max_payload_bytes`.
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    /// Requests buffered towards the broker while it is slow or away.
+    #[serde(default = "default_request_capacity")]
+    pub request_capacity: usize,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        MqttSection {
+            host: default_host(),
+            port: default_port(),
+            client_id: String::new(),
+            username: None,
+            password: None,
+            keep_alive_secs: default_keep_alive_secs(),
+            reconnect_min_ms: default_reconnect_min_ms(),
+            reconnect_max_ms: default_reconnect_max_ms(),
+            max_packet_bytes: default_max_packet_bytes(),
+            request_capacity: default_request_capacity(),
+        }
+    }
+}
+
+/// `[[models]]`: one model the agent serves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The name sensors refer to and results carry.
+    pub name: String,
+    /// Path to the ONNX file; relative paths are taken from the config file's folder.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// A sample model compiled into the agent, instead of `path`.
+    #[serde(default)]
+    pub zoo: Option<String>,
+    /// Version reported with results.
+    #[serde(default = "default_version")]
+    pub version: u32,
+    /// Input shape, where the model leaves dimensions open.
+    #[serde(default)]
+    pub input_shape: Option<Vec<usize>>,
+    /// Samples between two inferences on one sensor; defaults to the window length.
+    #[serde(default)]
+    pub stride: Option<usize>,
+    /// The output holding the anomaly score; defaults to the first output.
+    #[serde(default)]
+    pub score_output: Option<String>,
+    /// Scores above this are reported as anomalies.
+    #[serde(default = "default_threshold")]
+    pub anomaly_threshold: f32,
+}
+
+/// `[sensors]`: the sensor → model assignment.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorsSection {
+    /// Model for sensors not listed in `assign`; without it such sensors are refused.
+    #[serde(default)]
+    pub default_model: Option<String>,
+    /// Most sensors tracked at once; more are refused and counted.
+    #[serde(default = "default_max_sensors")]
+    pub max_sensors: usize,
+    /// Sensor name → model name.
+    #[serde(default)]
+    pub assign: BTreeMap<String, String>,
+}
+
+fn default_queue_capacity() -> usize {
+    256
+}
+fn default_max_payload_bytes() -> usize {
+    64 * 1024
+}
+fn default_status_interval_secs() -> u64 {
+    5
+}
+fn default_drain_timeout_ms() -> u64 {
+    5_000
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    1883
+}
+fn default_keep_alive_secs() -> u64 {
+    10
+}
+fn default_reconnect_min_ms() -> u64 {
+    100
+}
+fn default_reconnect_max_ms() -> u64 {
+    5_000
+}
+fn default_max_packet_bytes() -> usize {
+    1024 * 1024
+}
+fn default_request_capacity() -> usize {
+    1024
+}
+fn default_version() -> u32 {
+    1
+}
+fn default_threshold() -> f32 {
+    f32::INFINITY
+}
+fn default_max_sensors() -> usize {
+    256
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an override could not be read or parsed.
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    /// The values parsed but do not make sense together.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl AgentConfig {
+    /// Loads `path` (TOML) and applies `SPILLWAY__…` overrides from `env`.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let file = config::File::from(path).format(config::FileFormat::Toml);
+        let mut config = Self::build(file, env)?;
+        if let Some(dir) = path.parent() {
+            for model in &mut config.models {
+                if let Some(p) = &model.path
+                    && p.is_relative()
+                {
+                    model.path = Some(dir.join(p));
+                }
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML string and applies `SPILLWAY__…` overrides from `env`.
+    pub fn from_toml_str(
+        toml: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let config = Self::build(config::File::from_str(toml, config::FileFormat::Toml), env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn build<S>(
+        source: S,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError>
+    where
+        S: config::Source + Send + Sync + 'static,
+    {
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("SPILLWAY__"))
+            .collect();
+        let config = config::Config::builder()
+            .add_source(source)
+            .add_source(
+                config::Environment::with_prefix("SPILLWAY")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(env)),
+            )
+            .build()?;
+        Ok(config.try_deserialize()?)
+    }
+
+    /// Checks ranges and cross-references; lists every problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let a = &self.agent;
+        for (what, name) in [("agent.site", &a.site), ("agent.gateway", &a.gateway)] {
+            if name.is_empty() || name.contains(['/', '+', '#']) {
+                problems.push(format!(
+                    "{what} must be a non-empty topic level without / + #"
+                ));
+            }
+        }
+        if a.queue_capacity == 0 {
+            problems.push("agent.queue_capacity must be at least 1".into());
+        }
+        if a.max_payload_bytes == 0 {
+            problems.push("agent.max_payload_bytes must be at least 1".into());
+        }
+        if a.status_interval_secs == 0 {
+            problems.push("agent.status_interval_secs must be at least 1".into());
+        }
+        let m = &self.mqtt;
+        if m.max_packet_bytes < a.max_payload_bytes + 1024 {
+            problems.push(format!(
+                "mqtt.max_packet_bytes ({}) must exceed agent.max_payload_bytes ({}) by at least 1 KiB, \
+                 or an oversized payload would break the connection instead of being refused",
+                m.max_packet_bytes, a.max_payload_bytes
+            ));
+        }
+        if m.reconnect_min_ms == 0 || m.reconnect_min_ms > m.reconnect_max_ms {
+            problems.push("mqtt.reconnect_min_ms must be in 1..=mqtt.reconnect_max_ms".into());
+        }
+        if m.keep_alive_secs == 0 {
+            problems.push("mqtt.keep_alive_secs must be at least 1".into());
+        }
+        if m.request_capacity == 0 {
+            problems.push("mqtt.request_capacity must be at least 1".into());
+        }
+        if self.models.is_empty() {
+            problems.push("at least one [[models]] entry is needed".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for model in &self.models {
+            if !names.insert(model.name.as_str()) {
+                problems.push(format!("model {:?} is defined twice", model.name));
+            }
+            match (&model.path, &model.zoo) {
+                (Some(_), Some(_)) => problems.push(format!(
+                    "model {:?}: give path or zoo, not both",
+                    model.name
+                )),
+                (None, None) => problems.push(format!("model {:?}: give path or zoo", model.name)),
+                (None, Some(zoo)) if models::zoo::by_name(zoo).is_none() => {
+                    let known: Vec<_> = models::zoo::ALL.iter().map(|m| m.name).collect();
+                    problems.push(format!(
+                        "model {:?}: no zoo model {zoo:?} (known: {known:?})",
+                        model.name
+                    ));
+                }
+                _ => {}
+            }
+            if model.stride == Some(0) {
+                problems.push(format!("model {:?}: stride must be at least 1", model.name));
+            }
+            if model.anomaly_threshold.is_nan() {
+                problems.push(format!("model {:?}: anomaly_threshold is NaN", model.name));
+            }
+        }
+        let s = &self.sensors;
+        if s.max_sensors == 0 {
+            problems.push("sensors.max_sensors must be at least 1".into());
+        }
+        for (sensor, model) in s
+            .assign
+            .iter()
+            .map(|(k, v)| (Some(k), v))
+            .chain(s.default_model.iter().map(|m| (None, m)))
+        {
+            if !names.contains(model.as_str()) {
+                let whom = sensor.map_or_else(
+                    || "sensors.default_model".to_owned(),
+                    |s| format!("sensor {s:?}"),
+                );
+                problems.push(format!(
+                    "{whom} names model {model:?}, which is not in [[models]]"
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The MQTT client id to use.
+    pub fn client_id(&self) -> String {
+        if self.mqtt.client_id.is_empty() {
+            format!("spillway-{}-{}", self.agent.site, self.agent.gateway)
+        } else {
+            self.mqtt.client_id.clone()
+        }
+    }
+
+    /// Worker threads to start.
+    pub fn worker_count(&self) -> usize {
+        match self.agent.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [agent]
+        site = "plant"
+        gateway = "gw1"
+        [[models]]
+        name = "vib"
+        zoo = "vibration-ae"
+        [sensors]
+        default_model = "vib"
+    "#;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = AgentConfig::from_toml_str(MINIMAL, no_env()).expect("valid");
+        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(c.agent.queue_capacity, 256);
+        assert_eq!(c.client_id(), "spillway-plant-gw1");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = vec![
+            ("SPILLWAY__MQTT__PORT".to_owned(), "1884".to_owned()),
+            ("SPILLWAY__AGENT__GATEWAY".to_owned(), "gw9".to_owned()),
+            ("OTHER__MQTT__PORT".to_owned(), "1".to_owned()),
+        ];
+        let c = AgentConfig::from_toml_str(MINIMAL, env).expect("valid");
+        assert_eq!(c.mqtt.port, 1884);
+        assert_eq!(c.agent.gateway, "gw9");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let toml = MINIMAL.replace("[sensors]", "[sensors]\nmax_sensor = 3");
+        let err = AgentConfig::from_toml_str(&toml, no_env()).expect_err("typo");
+        assert!(err.to_string().contains("max_sensor"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let toml = r#"
+            [agent]
+            site = "a/b"
+            gateway = "gw"
+            queue_capacity = 0
+            [[models]]
+            name = "vib"
+            zoo = "no-such-model"
+            stride = 0
+            [sensors]
+            default_model = "other"
+        "#;
+        let err = AgentConfig::from_toml_str(toml, no_env()).expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "agent.site",
+            "queue_capacity",
+            "no-such-model",
+            "stride",
+            "\"other\"",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from: {text}");
+        }
+    }
+
+    #[test]
+    fn a_bad_env_value_is_an_error_not_a_default() {
+        let env = vec![("SPILLWAY__MQTT__PORT".to_owned(), "not-a-port".to_owned())];
+        assert!(AgentConfig::from_toml_str(MINIMAL, env).is_err());
+    }
+}

@@ -1,0 +1,189 @@
+//! From MQTT publishes to queued windows: topic → sensor → payload → window → job.
+//!
+//! [`Ingest`] holds the per-sensor windows and decides, for each publish, whether it is good
+//! input. It does no I/O and reads no clock (the caller passes the time in), so the unit tests
+//! drive it directly. Each refusal increments the counter named after its kind and logs at a
+//! limited rate; nothing a sensor sends can disturb another sensor's window.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use protocol::edge::Topics;
+use protocol::{Limits, decode_samples};
+
+use crate::config::{AgentConfig, MAX_WINDOW};
+use crate::pool::Job;
+use crate::serving::ServedModel;
+use crate::telemetry::{Counters, LogLimiter};
+use crate::window::Window;
+
+struct Sensor {
+    name: Arc<str>,
+    model: usize,
+    window: Box<Window>,
+}
+
+/// The ingest state of one agent.
+pub struct Ingest {
+    topics: Topics,
+    limits: Limits,
+    models: Arc<[ServedModel]>,
+    assigned: HashMap<String, usize>,
+    default_model: Option<usize>,
+    max_sensors: usize,
+    sensors: HashMap<String, Sensor>,
+    sensor_gauge: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
+    limiter: LogLimiter,
+    next_id: u64,
+}
+
+impl Ingest {
+    /// Ingest for `config`, serving `models` (loaded from the same config, in order).
+    pub fn new(
+        config: &AgentConfig,
+        models: Arc<[ServedModel]>,
+        counters: Arc<Counters>,
+        sensor_gauge: Arc<AtomicUsize>,
+    ) -> Self {
+        let index = |name: &str| models.iter().position(|m| &*m.name == name);
+        let assigned = config
+            .sensors
+            .assign
+            .iter()
+            .filter_map(|(sensor, model)| Some((sensor.clone(), index(model)?)))
+            .collect();
+        let default_model = config.sensors.default_model.as_deref().and_then(index);
+        Ingest {
+            topics: Topics::new(&config.agent.site, &config.agent.gateway),
+            limits: Limits {
+                max_payload_bytes: config.agent.max_payload_bytes,
+                max_samples: MAX_WINDOW,
+            },
+            models,
+            assigned,
+            default_model,
+            max_sensors: config.sensors.max_sensors,
+            sensors: HashMap::new(),
+            sensor_gauge,
+            counters,
+            limiter: LogLimiter::new(Duration::from_secs(5)),
+            next_id: 0,
+        }
+    }
+
+    /// Handles one publish received at `now` (`wall`: the same moment as Unix seconds),
+    /// handing each completed window to `submit`; a window `submit` gives back is shed.
+    pub fn handle_publish(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now: Instant,
+        wall: f64,
+        mut submit: impl FnMut(Job) -> Result<(), Job>,
+    ) {
+        Counters::bump(&self.counters.messages_received);
+        let Some(sensor_name) = self.topics.sensor_of(topic) else {
+            self.refuse("bad_topic", now, || {
+                format!("publish on {topic:?} is not a sensor data topic")
+            });
+            return;
+        };
+        let samples = match decode_samples(payload, &self.limits) {
+            Ok(samples) => samples,
+            Err(e) => {
+                self.refuse(e.kind(), now, || format!("sensor {sensor_name:?}: {e}"));
+                return;
+            }
+        };
+        if !self.sensors.contains_key(sensor_name) {
+            let Some(model) = self
+                .assigned
+                .get(sensor_name)
+                .copied()
+                .or(self.default_model)
+            else {
+                self.refuse("unknown_sensor", now, || {
+                    format!(
+                        "sensor {sensor_name:?} has no model assigned and there is no default model"
+                    )
+                });
+                return;
+            };
+            if self.sensors.len() >= self.max_sensors {
+                let max = self.max_sensors;
+                self.refuse("sensor_limit", now, || {
+                    format!("sensor {sensor_name:?} refused: already tracking the maximum of {max} sensors")
+                });
+                return;
+            }
+            let served = &self.models[model];
+            let sensor = Sensor {
+                name: Arc::from(sensor_name),
+                model,
+                window: Box::new(Window::new(served.window, served.stride)),
+            };
+            self.sensors.insert(sensor_name.to_owned(), sensor);
+            self.sensor_gauge
+                .store(self.sensors.len(), Ordering::Relaxed);
+        }
+        let Some(sensor) = self.sensors.get_mut(sensor_name) else {
+            return;
+        };
+        self.counters
+            .samples_accepted
+            .fetch_add(samples.values.len() as u64, Ordering::Relaxed);
+        let ts = samples.ts.unwrap_or(wall);
+        let mut shed = 0u64;
+        let next_id = &mut self.next_id;
+        sensor.window.push(&samples.values, |window| {
+            let job = Job {
+                id: *next_id,
+                model: sensor.model,
+                sensor: Arc::clone(&sensor.name),
+                window,
+                ts,
+                created: now,
+            };
+            *next_id += 1;
+            if submit(job).is_err() {
+                shed += 1;
+            } else {
+                Counters::bump(&self.counters.windows_enqueued);
+            }
+        });
+        if shed > 0 {
+            self.counters
+                .windows_shed
+                .fetch_add(shed, Ordering::Relaxed);
+            if let Some(suppressed) = self.limiter.allow("shed", now) {
+                tracing::warn!(
+                    suppressed,
+                    "inference queue full: shed {shed} window(s) of sensor {sensor_name:?}"
+                );
+            }
+        }
+    }
+
+    fn counter(&self, kind: &str) -> &AtomicU64 {
+        let c = &self.counters;
+        match kind {
+            "too_large" => &c.bad_too_large,
+            "malformed" => &c.bad_malformed,
+            "sample_count" => &c.bad_sample_count,
+            "non_finite" => &c.bad_non_finite,
+            "unknown_sensor" => &c.bad_unknown_sensor,
+            "sensor_limit" => &c.bad_sensor_limit,
+            _ => &c.bad_topic,
+        }
+    }
+
+    fn refuse(&mut self, kind: &'static str, now: Instant, message: impl FnOnce() -> String) {
+        Counters::bump(self.counter(kind));
+        if let Some(suppressed) = self.limiter.allow(kind, now) {
+            tracing::warn!(kind, suppressed, "refused input: {}", message());
+        }
+    }
+}

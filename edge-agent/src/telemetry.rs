@@ -1,0 +1,149 @@
+//! Counters and rate-limited logging.
+//!
+//! Every event the agent may need to explain later (a refused payload, a shed window, a lost
+//! broker) increments a named counter; the counters travel in the retained status message. A
+//! log line for the same kind of event is written at most once per interval, and says how many
+//! were suppressed in between, so a flood of bad input cannot flood the log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// The agent's counters, shared by its tasks and threads.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            /// A copy of every counter, by name.
+            pub fn snapshot(&self) -> BTreeMap<String, u64> {
+                let mut map = BTreeMap::new();
+                $(map.insert(stringify!($name).to_owned(), self.$name.load(Ordering::Relaxed));)*
+                map
+            }
+        }
+    };
+}
+
+counters! {
+    /// Publishes received on the data topics.
+    messages_received,
+    /// Samples accepted into windows.
+    samples_accepted,
+    /// Windows handed to the worker queue.
+    windows_enqueued,
+    /// Windows dropped because the queue was full.
+    windows_shed,
+    /// Inferences that produced a result.
+    inferences_ok,
+    /// Inferences that failed in the model.
+    inference_errors,
+    /// Results handed to the MQTT client.
+    results_published,
+    /// Results the broker acknowledged (QoS 1).
+    results_acked,
+    /// Payloads larger than the limit.
+    bad_too_large,
+    /// Payloads that were not valid JSON/CBOR or not an accepted form.
+    bad_malformed,
+    /// Payloads with no samples or too many.
+    bad_sample_count,
+    /// Payloads with NaN or infinite values.
+    bad_non_finite,
+    /// Data from sensors with no model assigned.
+    bad_unknown_sensor,
+    /// Data from new sensors beyond `sensors.max_sensors`.
+    bad_sensor_limit,
+    /// Publishes on topics that are not a sensor's data topic.
+    bad_topic,
+    /// Publishes that arrived after the agent stopped taking input.
+    messages_after_shutdown,
+    /// Connections to the broker established.
+    mqtt_connects,
+    /// Connections to the broker lost or refused.
+    mqtt_connection_errors,
+}
+
+impl Counters {
+    /// Adds one to `counter`.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Lets one log line per kind through per interval.
+#[derive(Debug)]
+pub struct LogLimiter {
+    interval: Duration,
+    last: HashMap<&'static str, (Instant, u64)>,
+}
+
+impl LogLimiter {
+    /// At most one line per kind per `interval`.
+    pub fn new(interval: Duration) -> Self {
+        LogLimiter {
+            interval,
+            last: HashMap::new(),
+        }
+    }
+
+    /// Whether a line of `kind` may be written at `now`; if so, how many were suppressed since
+    /// the last one.
+    pub fn allow(&mut self, kind: &'static str, now: Instant) -> Option<u64> {
+        match self.last.get_mut(kind) {
+            Some((at, suppressed)) if now.duration_since(*at) < self.interval => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                let n = *suppressed;
+                *at = now;
+                *suppressed = 0;
+                Some(n)
+            }
+            None => {
+                self.last.insert(kind, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_passes_one_line_per_interval_and_counts_the_rest() {
+        let mut limiter = LogLimiter::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(limiter.allow("malformed", t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(
+                limiter.allow("malformed", t0 + Duration::from_millis(i * 100)),
+                None
+            );
+        }
+        assert_eq!(
+            limiter.allow("too_large", t0),
+            Some(0),
+            "kinds are limited separately"
+        );
+        assert_eq!(
+            limiter.allow("malformed", t0 + Duration::from_secs(1)),
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn snapshot_names_every_counter() {
+        let c = Counters::default();
+        Counters::bump(&c.windows_shed);
+        let snap = c.snapshot();
+        assert_eq!(snap["windows_shed"], 1);
+        assert_eq!(snap["bad_malformed"], 0);
+    }
+}

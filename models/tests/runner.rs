@@ -1,0 +1,184 @@
+//! The runner against onnxruntime's reference outputs, and every way a model can be wrong.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use spillway_models::{LoadedModel, ModelError, zoo};
+
+#[derive(Deserialize)]
+struct Reference {
+    windows: Vec<Vec<f32>>,
+    outputs: std::collections::BTreeMap<String, Vec<Vec<f32>>>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    version: u32,
+    input_shape: Vec<usize>,
+    score_output: String,
+    anomaly_threshold: f32,
+}
+
+fn zoo_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("zoo")
+        .join(name)
+}
+
+fn reference(model: &str) -> Reference {
+    let text = std::fs::read_to_string(zoo_file(&format!("{model}.reference.json")))
+        .expect("reference file");
+    serde_json::from_str(&text).expect("reference json")
+}
+
+#[test]
+fn tract_matches_onnxruntime_on_every_zoo_model() {
+    for model in zoo::ALL {
+        let runner = LoadedModel::from_bytes(model.onnx)
+            .and_then(|m| m.optimize(None))
+            .unwrap_or_else(|e| panic!("{}: {e}", model.name));
+        assert_eq!(runner.input_shape(), model.input_shape);
+        let reference = reference(model.name);
+        assert!(!reference.windows.is_empty());
+        for (i, window) in reference.windows.iter().enumerate() {
+            let outputs = runner.run(window).expect("run");
+            for output in &outputs {
+                let expected = &reference.outputs[&output.name][i];
+                assert_eq!(
+                    output.data.len(),
+                    expected.len(),
+                    "{} {}",
+                    model.name,
+                    output.name
+                );
+                for (got, want) in output.data.iter().zip(expected) {
+                    assert!(
+                        (got - want).abs() <= 1e-4,
+                        "{} window {i} output {}: tract {got} vs onnxruntime {want}",
+                        model.name,
+                        output.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn zoo_constants_match_the_exported_metadata() {
+    for model in zoo::ALL {
+        let text =
+            std::fs::read_to_string(zoo_file(&format!("{}.meta.json", model.name))).expect("meta");
+        let meta: Meta = serde_json::from_str(&text).expect("meta json");
+        assert_eq!(meta.version, model.version);
+        assert_eq!(meta.input_shape, model.input_shape);
+        assert_eq!(meta.score_output, model.score_output);
+        assert_eq!(meta.anomaly_threshold, model.anomaly_threshold);
+        let on_disk = std::fs::read(zoo_file(&format!("{}.onnx", model.name))).expect("onnx");
+        assert_eq!(on_disk, model.onnx);
+    }
+}
+
+#[test]
+fn open_batch_dimension_is_fixed_from_config_or_defaults_to_one() {
+    let loaded = LoadedModel::from_bytes(zoo::VIBRATION_AE.onnx).expect("load");
+    assert_eq!(loaded.declared_input_shape(), Some(vec![None, Some(128)]));
+    let runner = LoadedModel::from_bytes(zoo::VIBRATION_AE.onnx)
+        .and_then(|m| m.optimize(Some(&[4, 128])))
+        .expect("batch of four");
+    let outputs = runner.run(&vec![0.1; 4 * 128]).expect("run");
+    assert_eq!(outputs[0].shape, vec![4, 1]);
+}
+
+#[test]
+fn configured_shape_that_contradicts_the_model_is_refused() {
+    let err = LoadedModel::from_bytes(zoo::VIBRATION_AE.onnx)
+        .and_then(|m| m.optimize(Some(&[1, 256])))
+        .expect_err("256 does not fit 128");
+    assert!(matches!(err, ModelError::InputShape(_)), "{err}");
+}
+
+#[test]
+fn unreadable_file_is_reported_with_its_path() {
+    let err = LoadedModel::from_path("/nonexistent/model.onnx").expect_err("missing");
+    assert!(matches!(err, ModelError::Unreadable { .. }), "{err}");
+    assert!(err.to_string().contains("/nonexistent/model.onnx"));
+}
+
+#[test]
+fn bytes_that_are_not_onnx_are_refused() {
+    for junk in [
+        &b"this is not a protobuf at all \xff\xfe"[..],
+        &b""[..],
+        &[0x0a, 0xff, 0xff, 0xff][..],
+    ] {
+        let err = LoadedModel::from_bytes(junk).expect_err("junk");
+        assert!(matches!(err, ModelError::NotOnnx(_)), "{err}");
+    }
+}
+
+#[test]
+fn unsupported_operator_is_named() {
+    // The autoencoder with its Tanh nodes renamed to an operator no runtime knows.
+    let mut bytes = zoo::VIBRATION_AE.onnx.to_vec();
+    let needle = b"Tanh";
+    let mut replaced = 0;
+    let mut i = 0;
+    while i + needle.len() <= bytes.len() {
+        if &bytes[i..i + needle.len()] == needle {
+            bytes[i..i + needle.len()].copy_from_slice(b"Tanx");
+            replaced += 1;
+        }
+        i += 1;
+    }
+    assert!(replaced > 0);
+    let err = LoadedModel::from_bytes(&bytes).expect_err("Tanx is not an operator");
+    match err {
+        ModelError::UnsupportedOperator(ops) => assert_eq!(ops, vec!["Tanx".to_owned()]),
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[test]
+fn wrong_input_length_is_a_shape_mismatch_not_a_panic() {
+    let runner = LoadedModel::from_bytes(zoo::VIBRATION_AE.onnx)
+        .and_then(|m| m.optimize(None))
+        .expect("load");
+    let err = runner.run(&[0.0; 100]).expect_err("100 is not 128");
+    assert!(
+        matches!(
+            err,
+            ModelError::ShapeMismatch {
+                expected: 128,
+                got: 100,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn one_runner_serves_many_threads_with_identical_results() {
+    let runner = LoadedModel::from_bytes(zoo::VIBRATION_AE.onnx)
+        .and_then(|m| m.optimize(None))
+        .expect("load");
+    let reference = Arc::new(reference("vibration-ae"));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let runner = runner.clone();
+            let reference = Arc::clone(&reference);
+            std::thread::spawn(move || {
+                for round in 0..50 {
+                    let i = (t * 7 + round) % reference.windows.len();
+                    let score = runner.run(&reference.windows[i]).expect("run")[0].data[0];
+                    assert!((score - reference.outputs["score"][i][0]).abs() <= 1e-4);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+}

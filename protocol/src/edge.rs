@@ -1,0 +1,121 @@
+//! What the edge agent publishes, and the MQTT topic scheme it follows.
+//!
+//! Topics: sensors publish to `spillway/<site>/<gateway>/<sensor>/data`; the agent answers each
+//! window on `…/<sensor>/inference` and keeps a retained status on
+//! `spillway/<site>/<gateway>/status`, whose last will is [`OFFLINE`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The status payload the broker publishes when the agent vanishes.
+pub const OFFLINE: &str = r#"{"state":"offline"}"#;
+
+/// The topic scheme of one gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    /// Topics of the gateway `gateway` at site `site`.
+    pub fn new(site: &str, gateway: &str) -> Self {
+        Topics {
+            prefix: format!("spillway/{site}/{gateway}"),
+        }
+    }
+
+    /// The subscription filter for every sensor's data.
+    pub fn data_filter(&self) -> String {
+        format!("{}/+/data", self.prefix)
+    }
+
+    /// Where `sensor` publishes its samples.
+    pub fn data(&self, sensor: &str) -> String {
+        format!("{}/{sensor}/data", self.prefix)
+    }
+
+    /// Where results for `sensor` are published.
+    pub fn inference(&self, sensor: &str) -> String {
+        format!("{}/{sensor}/inference", self.prefix)
+    }
+
+    /// The retained status topic.
+    pub fn status(&self) -> String {
+        format!("{}/status", self.prefix)
+    }
+
+    /// The sensor named by a data topic of this gateway, if it is one.
+    pub fn sensor_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('/')?;
+        let sensor = rest.strip_suffix("/data")?;
+        (!sensor.is_empty() && !sensor.contains('/')).then_some(sensor)
+    }
+}
+
+/// Where a request was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// On the gateway's own workers.
+    Local,
+    /// On a cloud replica.
+    Remote,
+}
+
+/// One inference result, published QoS 1 on the sensor's `inference` topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceResult {
+    /// The request id, unique within one agent run.
+    pub id: u64,
+    /// The sensor whose window this was.
+    pub sensor: String,
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: u32,
+    /// Where it ran.
+    #[serde(rename = "where")]
+    pub route: Route,
+    /// Time of the window's last sample (from the payload, else arrival time), Unix seconds.
+    pub ts: f64,
+    /// Time from the window's completion to the result, microseconds.
+    pub latency_us: u64,
+    /// The anomaly score.
+    pub score: f32,
+    /// Whether the score crossed the model's anomaly threshold.
+    pub anomaly: bool,
+    /// Every output of the model, by name, flattened.
+    pub outputs: BTreeMap<String, Vec<f32>>,
+}
+
+/// The agent's retained status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// `"online"` (the last will says `"offline"`).
+    pub state: String,
+    /// Agent version.
+    pub version: String,
+    /// Seconds since the agent started.
+    pub uptime_secs: u64,
+    /// Whole-machine CPU use, percent.
+    pub cpu_percent: f32,
+    /// The agent process's resident memory, bytes.
+    pub rss_bytes: u64,
+    /// Machine memory in use, bytes.
+    pub mem_used_bytes: u64,
+    /// Machine memory, bytes.
+    pub mem_total_bytes: u64,
+    /// Windows waiting for a worker.
+    pub queue_depth: usize,
+    /// The queue's capacity.
+    pub queue_capacity: usize,
+    /// Worker threads.
+    pub workers: usize,
+    /// Sensors with a window.
+    pub sensors: usize,
+    /// Counters since start, by name.
+    pub counters: BTreeMap<String, u64>,
+}

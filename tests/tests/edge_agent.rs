@@ -1,0 +1,460 @@
+//! The edge agent end to end: mosquitto, the `edge-agent` process, independent MQTT clients.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use protocol::payload::{encode_plain_json, encode_senml_cbor, encode_senml_json};
+use spillway_tests::{
+    Agent, Broker, Listener, Publisher, agent_config, reference, require_mosquitto,
+};
+
+const SAMPLE_PERIOD: f64 = 1.0 / 12_800.0;
+
+/// Window `i` of a run, in format `i % 3`, stamped with a time that identifies it.
+fn payload(i: usize, window: &[f32]) -> (f64, Vec<u8>) {
+    let ts = 1_800_000_000.0 + i as f64;
+    let bytes = match i % 3 {
+        0 => encode_plain_json(window, ts),
+        1 => encode_senml_json(window, ts, SAMPLE_PERIOD),
+        _ => encode_senml_cbor(window, ts, SAMPLE_PERIOD),
+    };
+    (ts, bytes)
+}
+
+fn data_topic(gateway: &str, sensor: &str) -> String {
+    format!("spillway/test/{gateway}/{sensor}/data")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_window_in_every_format_yields_exactly_one_correct_result() -> anyhow::Result<()> {
+    let Some(mosquitto) = require_mosquitto() else {
+        return Ok(());
+    };
+    let broker = Broker::shared_or_start(&mosquitto)?;
+    let gateway = "gw-all";
+    let _agent = Agent::start(
+        &agent_config(broker.port(), gateway, "queue_capacity = 16384"),
+        &[],
+    )?;
+    let listener = Listener::start(broker.port(), "test", gateway).await?;
+    listener
+        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
+        .await;
+    let publisher = Publisher::connect(broker.port()).await?;
+    let reference = reference("vibration-ae")?;
+
+    const WINDOWS: usize = 10_000;
+    const SENSORS: usize = 20;
+    let mut expected: HashMap<(String, u64), f32> = HashMap::new();
+    for i in 0..WINDOWS {
+        let sensor = format!("s{:02}", i % SENSORS);
+        let probe = i % reference.windows.len();
+        let (ts, bytes) = payload(i, &reference.windows[probe]);
+        expected.insert((sensor.clone(), ts as u64), reference.scores[probe]);
+        publisher
+            .publish(&data_topic(gateway, &sensor), bytes)
+            .await?;
+    }
+    let complete = listener
+        .wait_until(Duration::from_secs(120), |c| c.results.len() >= WINDOWS)
+        .await;
+    // Give duplicates, if any, a moment to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    listener.with(|c| {
+        assert_eq!(c.unparsable, 0);
+        let mut seen: HashMap<(String, u64), usize> = HashMap::new();
+        for r in &c.results {
+            let key = (r.sensor.clone(), r.ts as u64);
+            let want = expected
+                .get(&key)
+                .unwrap_or_else(|| panic!("result for a window never sent: {key:?}"));
+            assert!(
+                (r.score - want).abs() <= 1e-4,
+                "{key:?}: agent {} vs onnxruntime {want}",
+                r.score
+            );
+            assert_eq!(r.model, "vibration-ae");
+            assert_eq!(r.outputs["score"], vec![r.score]);
+            *seen.entry(key).or_default() += 1;
+        }
+        let duplicates: usize = seen.values().filter(|n| **n > 1).count();
+        let missing = expected.len() - seen.len();
+        assert!(complete && missing == 0, "{missing} windows got no result");
+        assert_eq!(duplicates, 0, "windows answered more than once");
+    });
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_party_client_is_served() -> anyhow::Result<()> {
+    let Some(mosquitto) = require_mosquitto() else {
+        return Ok(());
+    };
+    let Some(mosquitto_pub) = ["/usr/bin/mosquitto_pub"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have mosquitto_pub"
+        );
+        eprintln!("SKIPPED: mosquitto_pub is not installed");
+        return Ok(());
+    };
+    let broker = Broker::shared_or_start(&mosquitto)?;
+    let gateway = "gw-interop";
+    let _agent = Agent::start(&agent_config(broker.port(), gateway, ""), &[])?;
+    let listener = Listener::start(broker.port(), "test", gateway).await?;
+    listener
+        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
+        .await;
+    let reference = reference("vibration-ae")?;
+    // One JSON payload per line, as `mosquitto_pub -l` reads them.
+    let lines: String = (0..30)
+        .map(|i| {
+            let (_, bytes) = payload(i * 3 + (i % 2), &reference.windows[i]);
+            String::from_utf8(bytes).expect("JSON is text") + "\n"
+        })
+        .collect();
+    let mut child = std::process::Command::new(mosquitto_pub)
+        .args([
+            "-p",
+            &broker.port().to_string(),
+            "-q",
+            "1",
+            "-l",
+            "-t",
+            &data_topic(gateway, "pump"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), lines.as_bytes())?;
+    drop(child.stdin.take());
+    assert!(child.wait()?.success());
+    assert!(
+        listener
+            .wait_until(Duration::from_secs(20), |c| c.results.len() >= 30)
+            .await
+    );
+    listener.with(|c| {
+        for r in &c.results {
+            let i = ((r.ts - 1_800_000_000.0) as usize) / 3;
+            assert!((r.score - reference.scores[i]).abs() <= 1e-4);
+        }
+    });
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_counted_and_other_sensors_keep_flowing() -> anyhow::Result<()> {
+    let Some(mosquitto) = require_mosquitto() else {
+        return Ok(());
+    };
+    let broker = Broker::shared_or_start(&mosquitto)?;
+    let gateway = "gw-bad";
+    // Sensors are assigned explicitly, so an unlisted one is unknown.
+    let config = agent_config(broker.port(), gateway, "max_payload_bytes = 16384").replace(
+        "default_model = \"vibration-ae\"",
+        "assign = { good1 = \"vibration-ae\", good2 = \"vibration-ae\", bad = \"vibration-ae\" }",
+    );
+    let agent = Agent::start(&config, &[])?;
+    let listener = Listener::start(broker.port(), "test", gateway).await?;
+    listener
+        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
+        .await;
+    let publisher = Publisher::connect(broker.port()).await?;
+    let reference = reference("vibration-ae")?;
+
+    let bad_topic = data_topic(gateway, "bad");
+    let bad: Vec<(&str, String, Vec<u8>)> = vec![
+        (
+            "bad_malformed",
+            bad_topic.clone(),
+            b"{\"values\": [1, 2,".to_vec(),
+        ),
+        ("bad_malformed", bad_topic.clone(), vec![0xff, 0xfe, 0x00]),
+        (
+            "bad_sample_count",
+            bad_topic.clone(),
+            b"{\"values\": []}".to_vec(),
+        ),
+        (
+            "bad_sample_count",
+            bad_topic.clone(),
+            encode_plain_json(&[0.5; 2000], 0.0),
+        ),
+        (
+            "bad_non_finite",
+            bad_topic.clone(),
+            encode_senml_cbor(&[1.0, f32::NAN, 2.0], 0.0, 0.1),
+        ),
+        (
+            "bad_non_finite",
+            bad_topic.clone(),
+            b"{\"values\": [1e39]}".to_vec(),
+        ),
+        ("bad_too_large", bad_topic.clone(), vec![b' '; 40_000]),
+        (
+            "bad_unknown_sensor",
+            data_topic(gateway, "stranger"),
+            encode_plain_json(&[0.1; 128], 0.0),
+        ),
+    ];
+    let rounds = 40;
+    let mut want: BTreeMap<&str, u64> = BTreeMap::new();
+    for round in 0..rounds {
+        // Interleave good windows with every kind of bad input.
+        for sensor in ["good1", "good2"] {
+            let (_, bytes) = payload(round, &reference.windows[round % reference.windows.len()]);
+            publisher
+                .publish(&data_topic(gateway, sensor), bytes)
+                .await?;
+        }
+        for (counter, topic, bytes) in &bad {
+            publisher.publish(topic, bytes.clone()).await?;
+            *want.entry(counter).or_default() += 1;
+        }
+    }
+    let status = listener
+        .wait_for_counters(Duration::from_secs(30), |c| {
+            want.iter().all(|(k, v)| c.get(*k) == Some(v))
+        })
+        .await;
+    let got = listener.with(|c| c.status.as_ref().map(|s| s.counters.clone()));
+    assert!(
+        status.is_some(),
+        "counters never reached {want:?}; last: {got:?}"
+    );
+    assert!(
+        listener
+            .wait_until(Duration::from_secs(20), |c| c.results.len() >= 2 * rounds)
+            .await
+    );
+    listener.with(|c| {
+        assert_eq!(
+            c.results.len(),
+            2 * rounds,
+            "exactly the good windows are answered"
+        );
+        assert!(c.results.iter().all(|r| r.sensor.starts_with("good")));
+    });
+    let log = agent.log();
+    let refusals = log.matches("refused input").count();
+    assert!(refusals >= 5, "each kind is logged: {log}");
+    assert!(
+        refusals < bad.len() * rounds / 2,
+        "refusals are rate-limited, got {refusals} lines"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_and_counted_and_memory_stays_bounded() -> anyhow::Result<()> {
+    let Some(mosquitto) = require_mosquitto() else {
+        return Ok(());
+    };
+    let broker = Broker::shared_or_start(&mosquitto)?;
+    let gateway = "gw-overload";
+    // The heavier model on one worker with a short queue: input far faster than inference.
+    let config = agent_config(broker.port(), gateway, "queue_capacity = 8")
+        .replace("workers = 2", "workers = 1")
+        .replace("zoo = \"vibration-ae\"", "zoo = \"bearing-cnn\"");
+    let _agent = Agent::start(&config, &[])?;
+    let listener = Listener::start(broker.port(), "test", gateway).await?;
+    listener
+        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
+        .await;
+    let publisher = Publisher::connect(broker.port()).await?;
+    let reference = reference("bearing-cnn")?;
+    const WINDOWS: u64 = 4_000;
+    for i in 0..WINDOWS as usize {
+        let (_, bytes) = payload(i, &reference.windows[i % reference.windows.len()]);
+        publisher
+            .publish(&data_topic(gateway, &format!("m{}", i % 4)), bytes)
+            .await?;
+    }
+    let status = listener
+        .wait_for_counters(Duration::from_secs(60), |c| {
+            c["windows_enqueued"] + c["windows_shed"] == WINDOWS
+                && c["results_published"] == c["windows_enqueued"]
+        })
+        .await
+        .expect("every window is either served or shed, and counted");
+    let c = &status.counters;
+    assert!(c["windows_shed"] > 0, "overload must shed: {c:?}");
+    assert!(
+        listener
+            .wait_until(Duration::from_secs(10), |l| l.results.len() as u64
+                == c["windows_enqueued"])
+            .await
+    );
+    assert!(
+        status.rss_bytes < 200 << 20,
+        "RSS {} bytes under overload",
+        status.rss_bytes
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_work_and_leaves_an_offline_status() -> anyhow::Result<()> {
+    let Some(mosquitto) = require_mosquitto() else {
+        return Ok(());
+    };
+    let broker = Broker::shared_or_start(&mosquitto)?;
+    let gateway = "gw-stop";
+    let config = agent_config(broker.port(), gateway, "queue_capacity = 4096")
+        .replace("zoo = \"vibration-ae\"", "zoo = \"bearing-cnn\"");
+    let mut agent = Agent::start(&config, &[])?;
+    let listener = Listener::start(broker.port(), "test", gateway).await?;
+    listener
+        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
+        .await;
+    let publisher = Publisher::connect(broker.port()).await?;
+    let reference = reference("bearing-cnn")?;
+    for i in 0..600 {
+        let (_, bytes) = payload(i, &reference.windows[i % reference.windows.len()]);
+        publisher
+            .publish(&data_topic(gateway, "spindle"), bytes)
+            .await?;
+    }
+    // Stop while the queue still holds work.
+    listener
+        .wait_until(Duration::from_secs(20), |c| c.results.len() >= 20)
+        .await;
+    assert!(
+        agent.terminate(Duration::from_secs(20))?,
+        "clean exit; log:\n{}",
+        agent.log()
+    );
+    let offline = listener
+        .wait_until(Duration::from_secs(5), |c| {
+            c.raw_status
+                .as_deref()
+                .is_some_and(|s| s.contains("offline"))
+        })
+        .await;
+    assert!(
+        offline,
+        "the retained status says offline after a clean stop"
+    );
+    let log = agent.log();
+    let enqueued = log_counter(&log, "windows_enqueued").expect("final counters in the log");
+    assert!(
+        listener
+            .wait_until(Duration::from_secs(5), |c| c.results.len() as u64
+                == enqueued)
+            .await,
+        "every enqueued window was answered before exit: {} of {enqueued}",
+        listener.result_count()
+    );
+    assert!(log.contains("drained=true"), "{log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_reconnects_resubscribes_and_reports_losses() -> anyhow::Result<()> {
+    let Some(mosquitto) = require_mosquitto() else {
+        return Ok(());
+    };
+    let mut broker = Broker::start(&mosquitto)?;
+    let gateway = "gw-restart";
+    let agent = Agent::start(
+        &agent_config(broker.port(), gateway, "queue_capacity = 4096"),
+        &[],
+    )?;
+    let reference = reference("vibration-ae")?;
+    let mut listener = Listener::start(broker.port(), "test", gateway).await?;
+    listener
+        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
+        .await;
+    let mut publisher = Publisher::connect(broker.port()).await?;
+
+    let batch = |from: usize, n: usize| -> Vec<(String, Vec<u8>)> {
+        (from..from + n)
+            .map(|i| {
+                (
+                    data_topic(gateway, &format!("s{}", i % 5)),
+                    payload(i, &reference.windows[i % 64]).1,
+                )
+            })
+            .collect()
+    };
+    let mut sent = 0usize;
+    for (topic, bytes) in batch(sent, 1000) {
+        publisher.publish(&topic, bytes).await?;
+    }
+    sent += 1000;
+    listener
+        .wait_until(Duration::from_secs(20), |c| c.results.len() >= 1000)
+        .await;
+    let mut answered = listener.result_count();
+
+    // The broker crashes and comes back on the same port, with no memory of anyone.
+    broker.restart()?;
+    listener = Listener::start(broker.port(), "test", gateway).await?;
+    publisher = Publisher::connect(broker.port()).await?;
+    // The agent is back once a probe window is answered.
+    let mut probes = 0;
+    let back = loop {
+        for (topic, bytes) in batch(sent, 1) {
+            publisher.publish(&topic, bytes).await?;
+        }
+        sent += 1;
+        probes += 1;
+        if listener
+            .wait_until(Duration::from_millis(500), |c| !c.results.is_empty())
+            .await
+        {
+            break true;
+        }
+        if probes > 40 {
+            break false;
+        }
+    };
+    assert!(
+        back,
+        "the agent did not resubscribe after the restart; log:\n{}",
+        agent.log()
+    );
+    let before_settled = listener.result_count();
+    for (topic, bytes) in batch(sent, 1000) {
+        publisher.publish(&topic, bytes).await?;
+    }
+    sent += 1000;
+    assert!(
+        listener
+            .wait_until(Duration::from_secs(30), |c| c.results.len()
+                >= before_settled + 1000)
+            .await,
+        "every window published after the agent is back is answered"
+    );
+    answered += listener.result_count();
+    let status = listener
+        .wait_for_counters(Duration::from_secs(5), |c| c["mqtt_connects"] >= 2)
+        .await
+        .expect("reconnected");
+    let lost = sent - answered;
+    println!(
+        "broker restart: {sent} windows sent, {answered} answered, {lost} lost ({} probes while reconnecting); \
+         connection errors seen by the agent: {}",
+        probes, status.counters["mqtt_connection_errors"]
+    );
+    assert!(
+        lost <= probes,
+        "only windows sent while the agent was away may be lost"
+    );
+    Ok(())
+}
+
+/// Reads a counter from the agent's final `stopped` log line.
+fn log_counter(log: &str, name: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains("stopped"))?;
+    let start = line.find(&format!("\"{name}\": "))? + name.len() + 4;
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
