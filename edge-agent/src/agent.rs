@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::ingest::Ingest;
-use crate::pool::{Outgoing, Pool};
+use crate::pool::{Outgoing, Pool, QueueProbe};
 use crate::serving::ServedModel;
 use crate::status::Sampler;
 use crate::telemetry::{Counters, LogLimiter};
@@ -37,8 +37,6 @@ struct Shared {
     sensors: Arc<AtomicUsize>,
     /// QoS 1 publishes handed to the client (results and status).
     qos1_sent: AtomicU64,
-    /// PUBACKs received.
-    qos1_acked: AtomicU64,
 }
 
 /// Runs the agent until `shutdown` is cancelled, then drains and returns.
@@ -55,7 +53,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         counters: Arc::new(Counters::default()),
         sensors: Arc::new(AtomicUsize::new(0)),
         qos1_sent: AtomicU64::new(0),
-        qos1_acked: AtomicU64::new(0),
     });
 
     let mut options = MqttOptions::new(
@@ -103,44 +100,34 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let status_stop = CancellationToken::new();
     let status_task = {
         let client = client.clone();
-        let shared = Arc::clone(&shared);
         let topic = topics.status();
         let interval = Duration::from_secs(config.agent.status_interval_secs);
-        let capacity = config.agent.queue_capacity;
+        let mut reporter = StatusReporter {
+            started: Instant::now(),
+            sampler: Sampler::new(),
+            queue: queue_probe,
+            queue_capacity: config.agent.queue_capacity,
+            workers,
+            shared: Arc::clone(&shared),
+        };
         let stop = status_stop.clone();
         tokio::spawn(async move {
-            let started = Instant::now();
-            let mut sampler = Sampler::new();
             let mut ticks = tokio::time::interval(interval);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = ticks.tick() => {}
                 }
-                let load = sampler.sample();
-                let status = Status {
-                    state: "online".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    uptime_secs: started.elapsed().as_secs(),
-                    cpu_percent: load.cpu_percent,
-                    rss_bytes: load.rss_bytes,
-                    mem_used_bytes: load.mem_used_bytes,
-                    mem_total_bytes: load.mem_total_bytes,
-                    queue_depth: queue_probe.len(),
-                    queue_capacity: capacity,
-                    workers,
-                    sensors: shared.sensors.load(Ordering::Relaxed),
-                    counters: shared.counters.snapshot(),
-                };
-                let payload = serde_json::to_vec(&status).unwrap_or_default();
+                let payload = reporter.encode("online");
                 if client
                     .publish(topic.as_str(), QoS::AtLeastOnce, true, payload)
                     .await
                     .is_ok()
                 {
-                    shared.qos1_sent.fetch_add(1, Ordering::Relaxed);
+                    reporter.shared.qos1_sent.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            reporter
         })
     };
 
@@ -184,7 +171,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 });
             }
             Ok(Event::Incoming(Packet::PubAck(_))) => {
-                shared.qos1_acked.fetch_add(1, Ordering::Relaxed);
+                Counters::bump(&shared.counters.mqtt_acks);
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 tracing::info!(filter = %filter, codes = ?ack.return_codes, "subscribed");
@@ -231,7 +218,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                     );
                 }
                 Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    shared.qos1_acked.fetch_add(1, Ordering::Relaxed);
+                    Counters::bump(&shared.counters.mqtt_acks);
                 }
                 Ok(_) => {}
                 Err(_) => break,
@@ -250,8 +237,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         if closing.is_none() && publisher.as_ref().is_some_and(JoinHandle::is_finished) {
             publisher = None;
         }
-        let all_acked =
-            shared.qos1_acked.load(Ordering::Relaxed) >= shared.qos1_sent.load(Ordering::Relaxed);
+        let all_acked = shared.counters.mqtt_acks.load(Ordering::Relaxed)
+            >= shared.qos1_sent.load(Ordering::Relaxed);
         if publisher.is_none() && all_acked {
             break true;
         }
@@ -263,7 +250,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         match tokio::time::timeout(remaining.min(Duration::from_millis(20)), eventloop.poll()).await
         {
             Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
-                shared.qos1_acked.fetch_add(1, Ordering::Relaxed);
+                Counters::bump(&shared.counters.mqtt_acks);
             }
             Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
                 Counters::bump(&shared.counters.messages_after_shutdown);
@@ -279,13 +266,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     if !drained {
         tracing::warn!(
             sent = shared.qos1_sent.load(Ordering::Relaxed),
-            acked = shared.qos1_acked.load(Ordering::Relaxed),
+            acked = shared.counters.mqtt_acks.load(Ordering::Relaxed),
             "drain timeout: not every result was acknowledged"
         );
     }
-    let _ = status_task.await;
-    // A clean stop says so itself; the last will is only for a vanished agent.
-    let _ = client.try_publish(topics.status(), QoS::AtLeastOnce, true, OFFLINE);
+    // A clean stop says so itself, with the final counters; the last will is only for an
+    // agent that vanished.
+    let last_word = match status_task.await {
+        Ok(mut reporter) => reporter.encode("offline"),
+        Err(_) => OFFLINE.as_bytes().to_vec(),
+    };
+    let _ = client.try_publish(topics.status(), QoS::AtLeastOnce, true, last_word);
     let _ = client.try_disconnect();
     let bye = tokio::time::Instant::now() + Duration::from_millis(500);
     while let Ok(Ok(event)) = tokio::time::timeout_at(bye, eventloop.poll()).await {
@@ -296,6 +287,37 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let counters = shared.counters.snapshot();
     tracing::info!(?counters, drained, "stopped");
     Ok(RunSummary { counters, drained })
+}
+
+/// Builds the retained status message.
+struct StatusReporter {
+    started: Instant,
+    sampler: Sampler,
+    queue: QueueProbe,
+    queue_capacity: usize,
+    workers: usize,
+    shared: Arc<Shared>,
+}
+
+impl StatusReporter {
+    fn encode(&mut self, state: &str) -> Vec<u8> {
+        let load = self.sampler.sample();
+        let status = Status {
+            state: state.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            cpu_percent: load.cpu_percent,
+            rss_bytes: load.rss_bytes,
+            mem_used_bytes: load.mem_used_bytes,
+            mem_total_bytes: load.mem_total_bytes,
+            queue_depth: self.queue.len(),
+            queue_capacity: self.queue_capacity,
+            workers: self.workers,
+            sensors: self.shared.sensors.load(Ordering::Relaxed),
+            counters: self.shared.counters.snapshot(),
+        };
+        serde_json::to_vec(&status).unwrap_or_default()
+    }
 }
 
 async fn publish_results(

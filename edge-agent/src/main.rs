@@ -1,5 +1,6 @@
 //! `edge-agent`: parse the command line, load the config, run until SIGINT/SIGTERM.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -26,6 +27,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let config = AgentConfig::load(&args.config, std::env::vars())

@@ -43,8 +43,8 @@ counters! {
     inference_errors,
     /// Results handed to the MQTT client.
     results_published,
-    /// Results the broker acknowledged (QoS 1).
-    results_acked,
+    /// QoS 1 publishes (results and status) the broker acknowledged.
+    mqtt_acks,
     /// Payloads larger than the limit.
     bad_too_large,
     /// Payloads that were not valid JSON/CBOR or not an accepted form.

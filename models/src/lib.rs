@@ -3,11 +3,16 @@
 //! [`onnx`] wraps tract: a model is loaded, optimised once for a concrete input shape, then
 //! run many times from many threads, with plain `f32` data in and out and typed errors for
 //! every way a model file can be wrong. [`zoo`] carries the sample models compiled in, so
-//! demos and tests need no files. Nothing here reads a clock or touches the network: time
-//! and samples are passed in, which is what lets the simulator and the tests replay the
-//! same code the agent and the hub run.
+//! demos and tests need no files. [`forecast`] predicts a load series; [`policy`] turns
+//! observations into a replica count (threshold, Kubernetes HPA, Knative KPA, predictive,
+//! Q-learning); [`sim`] scores policies on workloads in a deterministic simulator. Nothing
+//! here reads a clock or touches the network: time and samples are passed in, which is what
+//! lets the simulator and the tests replay the same code the agent and the hub run.
 
+pub mod forecast;
 pub mod onnx;
+pub mod policy;
+pub mod sim;
 pub mod zoo;
 
 pub use onnx::{LoadedModel, ModelError, Output, Runner};

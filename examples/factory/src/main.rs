@@ -74,7 +74,7 @@ fn tracing_subscriber_init() {
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
             )
             .with_writer(std::io::stderr)
             .finish(),
@@ -100,7 +100,7 @@ fn start_embedded_broker(port: u16) -> anyhow::Result<()> {
         router: rumqttd::RouterConfig {
             max_connections: 64,
             max_outgoing_packet_count: 500,
-            max_segment_size: 16 * 1024 * 1024,
+            max_segment_size: 1024 * 1024,
             max_segment_count: 4,
             ..Default::default()
         },

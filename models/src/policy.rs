@@ -1,0 +1,682 @@
+//! Scaling policies: how many replicas to run, decided from what was observed.
+//!
+//! Every policy implements [`Policy`]: `decide(now, observation)` returns the desired replica
+//! count. Policies are pure state machines — time comes in as `now` (seconds), never from a
+//! clock — so the simulator replays them exactly and the hub runs the same code live.
+//!
+//! - [`Threshold`]: scale out above `up`, in below `down` utilisation, with a cooldown.
+//! - [`Hpa`]: Kubernetes' horizontal pod autoscaler as its controller computes it.
+//! - [`Kpa`]: Knative's pod autoscaler (stable and panic windows, scale to zero).
+//! - [`Predictive`]: a reactive policy raised to what the forecast demand needs at the
+//!   replicas' warm-up horizon; it never scales in on a forecast alone.
+//! - [`QLearning`]: tabular Q-learning over discretised load, replicas and trend.
+
+use std::collections::VecDeque;
+
+use crate::forecast::Forecaster;
+
+/// What a policy sees each tick.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    /// Requests per second that arrived in the last tick.
+    pub demand: f64,
+    /// Replicas ready to serve.
+    pub ready: usize,
+    /// Replicas that exist, ready or warming up.
+    pub replicas: usize,
+    /// Requests per second one replica serves at full load.
+    pub capacity: f64,
+    /// Requests waiting.
+    pub queue: f64,
+    /// The reward the last decision earned (for learning policies).
+    pub reward: f64,
+}
+
+impl Observation {
+    /// Demand over the capacity of the ready replicas (∞ with none ready and demand waiting).
+    pub fn utilisation(&self) -> f64 {
+        let cap = self.ready as f64 * self.capacity;
+        if cap > 0.0 {
+            (self.demand + self.queue) / cap
+        } else if self.demand + self.queue > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A scaling policy.
+pub trait Policy {
+    /// A short name for tables.
+    fn name(&self) -> String;
+    /// The desired replica count at `now` (seconds) given `obs`.
+    fn decide(&mut self, now: f64, obs: &Observation) -> usize;
+}
+
+/// Scale out above `up` utilisation, in below `down`, nothing in between; at most one action
+/// per `cooldown_secs`. Scaling out goes straight to the count that brings utilisation back to
+/// `up`; scaling in removes one replica.
+#[derive(Debug, Clone)]
+pub struct Threshold {
+    /// Utilisation above which to scale out.
+    pub up: f64,
+    /// Utilisation below which to scale in.
+    pub down: f64,
+    /// Seconds between two actions.
+    pub cooldown_secs: f64,
+    /// Never fewer replicas.
+    pub min: usize,
+    last_action: Option<f64>,
+}
+
+impl Threshold {
+    /// A threshold policy.
+    pub fn new(up: f64, down: f64, cooldown_secs: f64, min: usize) -> Self {
+        Threshold {
+            up,
+            down,
+            cooldown_secs,
+            min,
+            last_action: None,
+        }
+    }
+}
+
+impl Policy for Threshold {
+    fn name(&self) -> String {
+        format!("threshold ({}/{})", self.up, self.down)
+    }
+    fn decide(&mut self, now: f64, obs: &Observation) -> usize {
+        if self
+            .last_action
+            .is_some_and(|t| now - t < self.cooldown_secs)
+        {
+            return obs.replicas;
+        }
+        let u = obs.utilisation();
+        let desired = if u > self.up {
+            let need = ((obs.demand + obs.queue) / (obs.capacity * self.up)).ceil() as usize;
+            need.max(obs.replicas + 1)
+        } else if u < self.down && obs.replicas > self.min {
+            obs.replicas - 1
+        } else {
+            obs.replicas
+        };
+        let desired = desired.max(self.min);
+        if desired != obs.replicas {
+            self.last_action = Some(now);
+        }
+        desired
+    }
+}
+
+/// Kubernetes HPA (pkg/controller/podautoscaler): every `sync_secs`, desired =
+/// ceil(current · metric / target) unless the ratio is within `tolerance` of 1; scale-up is
+/// limited per 15 s to the larger of +4 pods and +100 %; scale-down takes the highest
+/// recommendation of the last `stabilisation_secs`.
+#[derive(Debug, Clone)]
+pub struct Hpa {
+    /// Target utilisation.
+    pub target: f64,
+    /// Ratio tolerance.
+    pub tolerance: f64,
+    /// Scale-down stabilisation window.
+    pub stabilisation_secs: f64,
+    /// Controller period.
+    pub sync_secs: f64,
+    /// minReplicas (HPA cannot scale to zero).
+    pub min: usize,
+    /// maxReplicas.
+    pub max: usize,
+    recommendations: VecDeque<(f64, usize)>,
+    last_sync: Option<f64>,
+    current: usize,
+}
+
+impl Hpa {
+    /// The HPA with Kubernetes' defaults and the given target utilisation.
+    pub fn new(target: f64, min: usize, max: usize) -> Self {
+        Hpa {
+            target,
+            tolerance: 0.1,
+            stabilisation_secs: 300.0,
+            sync_secs: 15.0,
+            min: min.max(1),
+            max,
+            recommendations: VecDeque::new(),
+            last_sync: None,
+            current: min.max(1),
+        }
+    }
+
+    /// The replica calculator alone: desired for `current` replicas at `utilisation`.
+    pub fn raw_desired(&self, current: usize, utilisation: f64) -> usize {
+        let ratio = utilisation / self.target;
+        if (ratio - 1.0).abs() <= self.tolerance {
+            current
+        } else {
+            (current as f64 * ratio).ceil() as usize
+        }
+    }
+}
+
+impl Policy for Hpa {
+    fn name(&self) -> String {
+        "HPA".into()
+    }
+    fn decide(&mut self, now: f64, obs: &Observation) -> usize {
+        if self.last_sync.is_some_and(|t| now - t < self.sync_secs) {
+            return self.current;
+        }
+        self.last_sync = Some(now);
+        let current = obs.replicas.max(1);
+        // Pods not ready count at 0 % for scale-up decisions in the HPA; the metric here is
+        // utilisation of the ready ones, measured against all replicas that exist.
+        let utilisation = if obs.replicas == 0 {
+            0.0
+        } else {
+            (obs.demand + obs.queue) / (obs.replicas as f64 * obs.capacity)
+        };
+        let recommendation = self
+            .raw_desired(current, utilisation)
+            .clamp(self.min, self.max);
+        self.recommendations.push_back((now, recommendation));
+        while self
+            .recommendations
+            .front()
+            .is_some_and(|(t, _)| now - t > self.stabilisation_secs)
+        {
+            self.recommendations.pop_front();
+        }
+        let desired = if recommendation < current {
+            // Scale down only to the highest recommendation in the window.
+            self.recommendations
+                .iter()
+                .map(|(_, r)| *r)
+                .max()
+                .unwrap_or(recommendation)
+                .min(current)
+        } else {
+            // Scale-up policies: max(+4 pods, +100 %) per period.
+            let limit = (current + 4).max(current * 2);
+            recommendation.min(limit)
+        };
+        self.current = desired.clamp(self.min, self.max);
+        self.current
+    }
+}
+
+/// Knative KPA (pkg/autoscaler/scaling/autoscaler.go) on request rate: desired =
+/// ceil(average / (capacity · target utilisation)) over a 60 s stable window, or over the 6 s
+/// panic window while panicking; panic starts when the panic-window desired is at least twice
+/// the ready pods and ends after a stable window without that; while panicking it never scales
+/// down; scale-down is clamped to floor(ready / 2) and scale-up to 1000 × ready per decision;
+/// with no traffic for the stable window plus a 30 s grace, it scales to zero.
+#[derive(Debug, Clone)]
+pub struct Kpa {
+    /// Target utilisation of a replica's capacity.
+    pub target_utilisation: f64,
+    /// Stable window.
+    pub stable_secs: f64,
+    /// Panic window.
+    pub panic_secs: f64,
+    /// Panic threshold (desired ÷ ready).
+    pub panic_threshold: f64,
+    /// Max scale-up rate.
+    pub max_up_rate: f64,
+    /// Max scale-down rate (2 → at most halve).
+    pub max_down_rate: f64,
+    /// Grace before the last replica goes.
+    pub zero_grace_secs: f64,
+    /// Upper bound.
+    pub max: usize,
+    samples: VecDeque<(f64, f64)>,
+    panic_since: Option<f64>,
+    panic_desired: usize,
+    last_traffic: Option<f64>,
+}
+
+impl Kpa {
+    /// The KPA with Knative's defaults.
+    pub fn new(max: usize) -> Self {
+        Kpa {
+            target_utilisation: 0.7,
+            stable_secs: 60.0,
+            panic_secs: 6.0,
+            panic_threshold: 2.0,
+            max_up_rate: 1000.0,
+            max_down_rate: 2.0,
+            zero_grace_secs: 30.0,
+            max,
+            samples: VecDeque::new(),
+            panic_since: None,
+            panic_desired: 0,
+            last_traffic: None,
+        }
+    }
+
+    /// Whether the autoscaler is in panic mode.
+    pub fn panicking(&self) -> bool {
+        self.panic_since.is_some()
+    }
+
+    fn average(&self, now: f64, window: f64) -> f64 {
+        let (sum, n) = self
+            .samples
+            .iter()
+            .filter(|(t, _)| now - t < window)
+            .fold((0.0, 0usize), |(s, n), (_, v)| (s + v, n + 1));
+        if n == 0 { 0.0 } else { sum / n as f64 }
+    }
+}
+
+impl Policy for Kpa {
+    fn name(&self) -> String {
+        "KPA".into()
+    }
+    fn decide(&mut self, now: f64, obs: &Observation) -> usize {
+        let load = obs.demand + obs.queue;
+        self.samples.push_back((now, load));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now - t >= self.stable_secs)
+        {
+            self.samples.pop_front();
+        }
+        if load > 0.0 {
+            self.last_traffic = Some(now);
+        }
+        let per_replica = obs.capacity * self.target_utilisation;
+        let stable = self.average(now, self.stable_secs);
+        let panic = self.average(now, self.panic_secs);
+        let desired_stable = (stable / per_replica).ceil() as usize;
+        let desired_panic = (panic / per_replica).ceil() as usize;
+        // With no pod ready, Knative treats the ready count as one.
+        let ready = obs.ready.max(1) as f64;
+        let over_threshold = desired_panic as f64 / ready >= self.panic_threshold;
+        if over_threshold {
+            if self.panic_since.is_none() {
+                self.panic_desired = obs.replicas;
+            }
+            self.panic_since = Some(now);
+        } else if self
+            .panic_since
+            .is_some_and(|t| now - t >= self.stable_secs)
+        {
+            self.panic_since = None;
+            self.panic_desired = 0;
+        }
+        let mut desired = if self.panic_since.is_some() {
+            let d = desired_panic.max(self.panic_desired);
+            self.panic_desired = d;
+            d
+        } else {
+            desired_stable
+        };
+        let up_limit = (self.max_up_rate * ready).ceil() as usize;
+        let down_limit = (ready / self.max_down_rate).floor() as usize;
+        desired = desired.min(up_limit).max(down_limit);
+        if desired == 0 {
+            // Scale to zero only after the grace period without traffic.
+            let idle_for = self.last_traffic.map_or(f64::INFINITY, |t| now - t);
+            if idle_for < self.stable_secs + self.zero_grace_secs && obs.replicas > 0 {
+                desired = 1;
+            }
+        }
+        if load > 0.0 {
+            desired = desired.max(1);
+        }
+        desired.min(self.max)
+    }
+}
+
+/// A reactive policy raised to the replicas the forecast demand `horizon_secs` ahead needs.
+pub struct Predictive {
+    reactive: Box<dyn Policy + Send>,
+    forecaster: Box<dyn Forecaster + Send>,
+    /// Forecast horizon in ticks (the replicas' warm-up time).
+    pub horizon: usize,
+    /// Target utilisation for forecast demand.
+    pub target_utilisation: f64,
+    /// Upper bound.
+    pub max: usize,
+    last_forecast: f64,
+}
+
+impl Predictive {
+    /// Raise `reactive` with `forecaster`'s demand `horizon` ticks ahead.
+    pub fn new(
+        reactive: Box<dyn Policy + Send>,
+        forecaster: Box<dyn Forecaster + Send>,
+        horizon: usize,
+        target_utilisation: f64,
+        max: usize,
+    ) -> Self {
+        Predictive {
+            reactive,
+            forecaster,
+            horizon,
+            target_utilisation,
+            max,
+            last_forecast: 0.0,
+        }
+    }
+
+    /// The last forecast demand.
+    pub fn last_forecast(&self) -> f64 {
+        self.last_forecast
+    }
+}
+
+impl Policy for Predictive {
+    fn name(&self) -> String {
+        format!(
+            "predictive ({} + {})",
+            self.reactive.name(),
+            self.forecaster.name()
+        )
+    }
+    fn decide(&mut self, now: f64, obs: &Observation) -> usize {
+        self.forecaster.observe(now, obs.demand);
+        let reactive = self.reactive.decide(now, obs);
+        // The peak forecast over the warm-up horizon, so a replica started now is ready for it.
+        let forecast = (1..=self.horizon.max(1))
+            .map(|h| self.forecaster.forecast(h))
+            .fold(0.0, f64::max);
+        self.last_forecast = forecast;
+        let ahead = (forecast / (obs.capacity * self.target_utilisation)).ceil();
+        let ahead = if ahead.is_finite() && ahead > 0.0 {
+            ahead as usize
+        } else {
+            0
+        };
+        reactive.max(ahead).min(self.max)
+    }
+}
+
+/// Tabular Q-learning: Q(s,a) ← Q(s,a) + α[r + γ·max Q(s',a') − Q(s,a)], ε-greedy with decay.
+///
+/// State: utilisation bucket, replica bucket, demand trend (falling, flat, rising). Actions:
+/// remove one replica, hold, add one, add a quarter more (at least two). Seeded; `freeze`
+/// stops learning and exploration for evaluation.
+#[derive(Debug, Clone)]
+pub struct QLearning {
+    /// Learning rate α.
+    pub alpha: f64,
+    /// Discount γ.
+    pub gamma: f64,
+    /// Exploration rate ε.
+    pub epsilon: f64,
+    /// ε is multiplied by this after each decision.
+    pub epsilon_decay: f64,
+    /// ε never falls below this while learning.
+    pub epsilon_min: f64,
+    /// Upper bound on replicas.
+    pub max: usize,
+    q: Vec<[f64; ACTIONS]>,
+    last: Option<(usize, usize)>,
+    prev_demand: f64,
+    frozen: bool,
+    rng: SplitMix64,
+}
+
+const ACTIONS: usize = 4;
+const UTIL_BUCKETS: usize = 8;
+const REPLICA_BUCKETS: usize = 8;
+const TRENDS: usize = 3;
+
+impl QLearning {
+    /// A fresh learner with a seed.
+    pub fn new(max: usize, seed: u64) -> Self {
+        QLearning {
+            alpha: 0.1,
+            gamma: 0.9,
+            epsilon: 1.0,
+            epsilon_decay: 0.9995,
+            epsilon_min: 0.02,
+            max,
+            q: vec![[0.0; ACTIONS]; UTIL_BUCKETS * REPLICA_BUCKETS * TRENDS],
+            last: None,
+            prev_demand: 0.0,
+            frozen: false,
+            rng: SplitMix64::new(seed),
+        }
+    }
+
+    /// Stops learning and exploring.
+    pub fn freeze(&mut self) {
+        self.frozen = true;
+        self.last = None;
+    }
+
+    /// Forgets the last step (between episodes), keeping what was learned.
+    pub fn reset_episode(&mut self) {
+        self.last = None;
+        self.prev_demand = 0.0;
+    }
+
+    fn state(&self, obs: &Observation) -> usize {
+        let u = if obs.replicas == 0 {
+            if obs.demand > 0.0 { 10.0 } else { 0.0 }
+        } else {
+            (obs.demand + obs.queue) / (obs.replicas as f64 * obs.capacity)
+        };
+        let edges = [0.05, 0.3, 0.5, 0.65, 0.8, 0.95, 1.2];
+        let ub = edges.iter().take_while(|e| u >= **e).count();
+        let rb = match obs.replicas {
+            0 => 0,
+            n => ((n as f64).log2().floor() as usize + 1).min(REPLICA_BUCKETS - 1),
+        };
+        let change = obs.demand - self.prev_demand;
+        let tb = if change > 0.05 * self.prev_demand.max(1.0) {
+            2
+        } else if change < -0.05 * self.prev_demand.max(1.0) {
+            0
+        } else {
+            1
+        };
+        (ub * REPLICA_BUCKETS + rb) * TRENDS + tb
+    }
+
+    fn apply(&self, action: usize, replicas: usize) -> usize {
+        let next = match action {
+            0 => replicas.saturating_sub(1),
+            1 => replicas,
+            2 => replicas + 1,
+            _ => replicas + (replicas / 4).max(2),
+        };
+        next.min(self.max)
+    }
+
+    fn best(&self, s: usize) -> usize {
+        let row = &self.q[s];
+        (0..ACTIONS).fold(1, |best, a| if row[a] > row[best] { a } else { best })
+    }
+}
+
+impl Policy for QLearning {
+    fn name(&self) -> String {
+        "Q-learning".into()
+    }
+    fn decide(&mut self, _now: f64, obs: &Observation) -> usize {
+        let s = self.state(obs);
+        if !self.frozen
+            && let Some((ps, pa)) = self.last
+        {
+            let target =
+                obs.reward + self.gamma * self.q[s].iter().copied().fold(f64::MIN, f64::max);
+            self.q[ps][pa] += self.alpha * (target - self.q[ps][pa]);
+        }
+        let explore = !self.frozen && self.rng.next_f64() < self.epsilon;
+        let action = if explore {
+            (self.rng.next_u64() % ACTIONS as u64) as usize
+        } else {
+            self.best(s)
+        };
+        if !self.frozen {
+            self.epsilon = (self.epsilon * self.epsilon_decay).max(self.epsilon_min);
+            self.last = Some((s, action));
+        }
+        self.prev_demand = obs.demand;
+        self.apply(action, obs.replicas)
+    }
+}
+
+/// A small, seeded, portable random generator (SplitMix64).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(demand: f64, ready: usize, replicas: usize) -> Observation {
+        Observation {
+            demand,
+            ready,
+            replicas,
+            capacity: 10.0,
+            queue: 0.0,
+            reward: 0.0,
+        }
+    }
+
+    #[test]
+    fn hpa_computes_the_documented_example() {
+        // 50 replicas at 90 % against a 75 % target → ceil(50 · 0.9 / 0.75) = 60.
+        let hpa = Hpa::new(0.75, 1, 1000);
+        assert_eq!(hpa.raw_desired(50, 0.90), 60);
+        // Within the 10 % tolerance nothing moves.
+        assert_eq!(hpa.raw_desired(50, 0.80), 50);
+    }
+
+    #[test]
+    fn hpa_scale_up_is_limited_and_scale_down_is_stabilised() {
+        let mut hpa = Hpa::new(0.5, 1, 1000);
+        // 2 replicas at 10× target load: limited to max(2 + 4, 2 · 2) = 6.
+        assert_eq!(hpa.decide(0.0, &obs(200.0, 2, 2)), 6);
+        // Between syncs the decision holds.
+        assert_eq!(hpa.decide(5.0, &obs(0.0, 6, 6)), 6);
+        // 15 s later, 12 replicas: load falls away, but the window remembers the high
+        // recommendation, so it does not scale down for 300 s.
+        assert_eq!(hpa.decide(15.0, &obs(200.0, 6, 6)), 12);
+        assert_eq!(hpa.decide(30.0, &obs(10.0, 12, 12)), 12);
+        assert_eq!(hpa.decide(300.0, &obs(10.0, 12, 12)), 12);
+        let later = hpa.decide(330.0, &obs(10.0, 12, 12));
+        assert!(
+            later < 12,
+            "after the stabilisation window it scales down, got {later}"
+        );
+    }
+
+    #[test]
+    fn kpa_panics_on_a_burst_and_leaves_after_a_stable_window() {
+        let mut kpa = Kpa::new(1000);
+        // Steady 14 req/s on 2 replicas of capacity 10 at 0.7 target → 2 replicas.
+        for t in 0..60 {
+            assert_eq!(kpa.decide(t as f64, &obs(14.0, 2, 2)), 2);
+        }
+        assert!(!kpa.panicking());
+        // A burst to 140 req/s: the panic window sees it first.
+        let d = kpa.decide(60.0, &obs(140.0, 2, 2));
+        assert!(kpa.panicking(), "6 s window desired ≥ 2 × ready");
+        assert!(d >= 4, "{d}");
+        // While panicking it never scales down, even when the burst stops.
+        let mut last = d;
+        for t in 61..100 {
+            let d = kpa.decide(t as f64, &obs(14.0, last, last));
+            assert!(d >= last);
+            last = d;
+        }
+        // A stable window after the last over-threshold tick, panic ends.
+        for t in 100..130 {
+            kpa.decide(t as f64, &obs(14.0, last, last));
+        }
+        assert!(!kpa.panicking());
+    }
+
+    #[test]
+    fn kpa_scales_to_zero_only_after_the_grace_period() {
+        let mut kpa = Kpa::new(10);
+        kpa.decide(0.0, &obs(5.0, 1, 1));
+        for t in 1..90 {
+            assert_eq!(kpa.decide(t as f64, &obs(0.0, 1, 1)), 1, "t = {t}");
+        }
+        assert_eq!(kpa.decide(91.0, &obs(0.0, 1, 1)), 0);
+        // Scale-down is clamped to halving.
+        let mut kpa = Kpa::new(100);
+        for t in 0..60 {
+            kpa.decide(t as f64, &obs(700.0, 100, 100));
+        }
+        assert!(
+            kpa.decide(60.0, &obs(7.0, 100, 100)) >= 98,
+            "still averaging the old load"
+        );
+        for t in 61..120 {
+            kpa.decide(t as f64, &obs(7.0, 100, 100));
+        }
+        assert_eq!(kpa.decide(121.0, &obs(7.0, 100, 100)), 50, "floor(100 / 2)");
+    }
+
+    #[test]
+    fn threshold_respects_hysteresis_and_cooldown() {
+        let mut p = Threshold::new(0.8, 0.3, 30.0, 1);
+        assert_eq!(p.decide(0.0, &obs(30.0, 5, 5)), 5, "between the thresholds");
+        assert_eq!(p.decide(1.0, &obs(90.0, 5, 5)), 12, "ceil(90 / 8)");
+        assert_eq!(p.decide(2.0, &obs(5.0, 12, 12)), 12, "cooling down");
+        assert_eq!(p.decide(40.0, &obs(5.0, 12, 12)), 11);
+    }
+
+    #[test]
+    fn predictive_never_scales_in_on_a_forecast_alone() {
+        struct Zero;
+        impl Forecaster for Zero {
+            fn name(&self) -> String {
+                "zero".into()
+            }
+            fn observe(&mut self, _t: f64, _y: f64) {}
+            fn forecast(&self, _h: usize) -> f64 {
+                0.0
+            }
+        }
+        let mut p = Predictive::new(Box::new(Kpa::new(100)), Box::new(Zero), 30, 0.7, 100);
+        let d = p.decide(0.0, &obs(70.0, 10, 10));
+        assert_eq!(
+            d, 10,
+            "the reactive value stands when the forecast says less"
+        );
+        let mut p = Predictive::new(
+            Box::new(Kpa::new(100)),
+            Box::new(crate::forecast::Holt::new(0.5, 0.5)),
+            10,
+            0.7,
+            100,
+        );
+        let mut d = 0;
+        for t in 0..20 {
+            d = p.decide(t as f64, &obs(7.0 * t as f64, 10, 10));
+        }
+        assert!(d > 20, "a rising load is met ahead of time: {d}");
+    }
+}

@@ -1,0 +1,366 @@
+//! Edge benchmark: the agent end to end against a raw tract loop and a Python agent.
+//!
+//! For each zoo model, in one run on one machine:
+//! 1. a raw tract loop: `--workers` threads running the optimised model over the reference
+//!    windows, nothing else;
+//! 2. `edge-agent` end to end: mosquitto on loopback → agent → mosquitto, windows published
+//!    as fast as QoS 1 allows by one client while another collects the results;
+//! 3. the same workload through `bench/python_agent.py` (paho-mqtt + onnxruntime);
+//! 4. single-thread latency of tract and of onnxruntime (`bench/ort_latency.py`).
+//!
+//! Run: `cargo build --release --workspace --bins && target/release/bench-edge`.
+//! Needs mosquitto; the Python columns need `pip install -r bench/requirements.txt`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use models::{LoadedModel, zoo};
+use protocol::payload::encode_plain_json;
+use spillway_tests::{Agent, Broker, Listener, Publisher, mosquitto_path, reference};
+
+struct Row {
+    model: &'static str,
+    raw: f64,
+    agent: f64,
+    agent_rss_mb: f64,
+    python: Option<(f64, f64)>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: usize| -> usize {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let workers = arg("--workers", 2);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mosquitto = mosquitto_path().context("mosquitto is needed (apt-get install mosquitto)")?;
+    let python = python_ready(&repo);
+    if !python {
+        eprintln!("python3 with paho-mqtt and onnxruntime not found: Python columns skipped");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+
+    let mut rows = Vec::new();
+    for (model, windows) in [
+        (zoo::VIBRATION_AE, arg("--windows-ae", 20_000)),
+        (zoo::BEARING_CNN, arg("--windows-cnn", 6_000)),
+    ] {
+        eprintln!("{}: raw tract loop", model.name);
+        let raw = raw_tract(model, workers, windows)?;
+        eprintln!("{}: edge-agent end to end", model.name);
+        let (agent, agent_rss) = runtime.block_on(end_to_end(
+            &mosquitto,
+            Target::Agent { model, workers },
+            windows,
+        ))?;
+        let python_row = if python {
+            eprintln!("{}: python agent end to end", model.name);
+            Some(runtime.block_on(end_to_end(
+                &mosquitto,
+                Target::Python {
+                    model,
+                    workers,
+                    repo: &repo,
+                },
+                windows,
+            ))?)
+        } else {
+            None
+        };
+        rows.push(Row {
+            model: model.name,
+            raw,
+            agent,
+            agent_rss_mb: agent_rss,
+            python: python_row,
+        });
+    }
+
+    println!("\n### Throughput, {workers} worker threads, windows/s (median of 3 runs each)\n");
+    println!(
+        "| model | raw tract loop | edge-agent end to end | agent ÷ raw | Python agent | agent ÷ Python | agent RSS | Python RSS |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for r in &rows {
+        let (py, ratio, py_rss) = match r.python {
+            Some((t, rss)) => (
+                format!("{t:.0}"),
+                format!("{:.2}", r.agent / t),
+                format!("{rss:.1} MB"),
+            ),
+            None => ("–".into(), "–".into(), "–".into()),
+        };
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2} | {py} | {ratio} | {:.1} MB | {py_rss} |",
+            r.model,
+            r.raw,
+            r.agent,
+            r.agent / r.raw,
+            r.agent_rss_mb
+        );
+    }
+
+    println!("\n### Latency, one thread, one window (µs)\n");
+    let ort = if python {
+        ort_latency(&repo)?
+    } else {
+        Vec::new()
+    };
+    println!(
+        "| model | tract median | tract p99 | onnxruntime median | onnxruntime p99 | tract ÷ ORT (median) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for model in zoo::ALL {
+        let (median, p99) = tract_latency(model, 5_000)?;
+        match ort.iter().find(|(name, _, _)| name == model.name) {
+            Some((_, om, op)) => {
+                println!(
+                    "| {} | {median:.1} | {p99:.1} | {om:.1} | {op:.1} | {:.2} |",
+                    model.name,
+                    median / om
+                )
+            }
+            None => println!("| {} | {median:.1} | {p99:.1} | – | – | – |", model.name),
+        }
+    }
+    Ok(())
+}
+
+fn runner(model: zoo::ZooModel) -> anyhow::Result<models::Runner> {
+    Ok(LoadedModel::from_bytes(model.onnx)?.optimize(Some(model.input_shape))?)
+}
+
+/// Windows per second of `workers` threads doing nothing but inference (median of 3).
+fn raw_tract(model: zoo::ZooModel, workers: usize, windows: usize) -> anyhow::Result<f64> {
+    let runner = runner(model)?;
+    let reference = std::sync::Arc::new(reference(model.name)?);
+    let mut rates = Vec::new();
+    for _ in 0..3 {
+        let start = Instant::now();
+        let threads: Vec<_> = (0..workers)
+            .map(|w| {
+                let runner = runner.clone();
+                let reference = reference.clone();
+                std::thread::spawn(move || {
+                    for i in (w..windows).step_by(workers) {
+                        let window = &reference.windows[i % reference.windows.len()];
+                        std::hint::black_box(runner.run(window).map(|o| o.len()).unwrap_or(0));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().map_err(|_| anyhow::anyhow!("worker panicked"))?;
+        }
+        rates.push(windows as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(median(&mut rates))
+}
+
+enum Target<'a> {
+    Agent {
+        model: zoo::ZooModel,
+        workers: usize,
+    },
+    Python {
+        model: zoo::ZooModel,
+        workers: usize,
+        repo: &'a Path,
+    },
+}
+
+/// Windows per second through broker → agent → broker, and the agent's peak RSS (MB); the
+/// median of 3 runs.
+async fn end_to_end(
+    mosquitto: &Path,
+    target: Target<'_>,
+    windows: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let mut rates = Vec::new();
+    let mut rss = Vec::new();
+    for run in 0..3 {
+        let broker = Broker::start(mosquitto)?;
+        let gateway = format!("bench{run}");
+        let (model, mut process) = match &target {
+            Target::Agent { model, workers } => {
+                let config = format!(
+                    "[agent]\nsite = \"bench\"\ngateway = \"{gateway}\"\nworkers = {workers}\nqueue_capacity = 65536\n\
+                     [mqtt]\nport = {}\n[[models]]\nname = \"m\"\nzoo = \"{}\"\n[sensors]\ndefault_model = \"m\"\n",
+                    broker.port(),
+                    model.name
+                );
+                (
+                    *model,
+                    Process::Agent(Agent::start(&config, &[("RUST_LOG", "warn")])?),
+                )
+            }
+            Target::Python {
+                model,
+                workers,
+                repo,
+            } => {
+                let shape: Vec<String> = model.input_shape.iter().map(|d| d.to_string()).collect();
+                let child = Command::new("python3")
+                    .arg(repo.join("bench/python_agent.py"))
+                    .args(["--port", &broker.port().to_string()])
+                    .args([
+                        "--model",
+                        &repo
+                            .join(format!("models/zoo/{}.onnx", model.name))
+                            .to_string_lossy(),
+                    ])
+                    .args([
+                        "--shape",
+                        &shape.join(","),
+                        "--workers",
+                        &workers.to_string(),
+                    ])
+                    .args(["--site", "bench", "--gateway", &gateway])
+                    .stdout(Stdio::null())
+                    .spawn()?;
+                (*model, Process::Python(child))
+            }
+        };
+        let listener = Listener::start(broker.port(), "bench", &gateway).await?;
+        if !listener
+            .wait_until(Duration::from_secs(30), |c| c.raw_status.is_some())
+            .await
+        {
+            bail!("the agent under test did not come online");
+        }
+        let publisher = Publisher::connect(broker.port()).await?;
+        let reference = reference(model.name)?;
+        let payloads: Vec<Vec<u8>> = reference
+            .windows
+            .iter()
+            .enumerate()
+            .map(|(i, w)| encode_plain_json(w, i as f64))
+            .collect();
+        let start = Instant::now();
+        for i in 0..windows {
+            let topic = format!("spillway/bench/{gateway}/s{:02}/data", i % 20);
+            publisher
+                .publish(&topic, payloads[i % payloads.len()].clone())
+                .await?;
+        }
+        let done = listener
+            .wait_until(Duration::from_secs(300), |c| c.results.len() >= windows)
+            .await;
+        let elapsed = start.elapsed().as_secs_f64();
+        if !done {
+            bail!(
+                "only {} of {windows} results arrived",
+                listener.result_count()
+            );
+        }
+        rates.push(windows as f64 / elapsed);
+        rss.push(process.peak_rss_mb());
+        process.stop();
+    }
+    Ok((median(&mut rates), median(&mut rss)))
+}
+
+enum Process {
+    Agent(Agent),
+    Python(Child),
+}
+
+impl Process {
+    fn pid(&mut self) -> Option<u32> {
+        match self {
+            Process::Agent(a) => a.pid(),
+            Process::Python(c) => Some(c.id()),
+        }
+    }
+
+    /// Peak resident set (VmHWM) in MB.
+    fn peak_rss_mb(&mut self) -> f64 {
+        let Some(pid) = self.pid() else { return 0.0 };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    fn stop(self) {
+        match self {
+            Process::Agent(mut a) => {
+                let _ = a.terminate(Duration::from_secs(10));
+            }
+            Process::Python(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn tract_latency(model: zoo::ZooModel, runs: usize) -> anyhow::Result<(f64, f64)> {
+    let runner = runner(model)?;
+    let reference = reference(model.name)?;
+    for w in reference.windows.iter().take(50) {
+        runner.run(w)?;
+    }
+    let mut times: Vec<f64> = (0..runs)
+        .map(|i| {
+            let start = Instant::now();
+            let out = runner.run(&reference.windows[i % reference.windows.len()]);
+            std::hint::black_box(out.map(|o| o.len()).unwrap_or(0));
+            start.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times[times.len() * 99 / 100]))
+}
+
+fn ort_latency(repo: &Path) -> anyhow::Result<Vec<(String, f64, f64)>> {
+    let out = Command::new("python3")
+        .arg(repo.join("bench/ort_latency.py"))
+        .arg(repo.join("models/zoo"))
+        .arg("5000")
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "ort_latency.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            Ok((
+                v["model"].as_str().unwrap_or_default().to_owned(),
+                v["median_us"].as_f64().unwrap_or(f64::NAN),
+                v["p99_us"].as_f64().unwrap_or(f64::NAN),
+            ))
+        })
+        .collect()
+}
+
+fn python_ready(repo: &Path) -> bool {
+    let script: PathBuf = repo.join("bench/python_agent.py");
+    script.exists()
+        && Command::new("python3")
+            .args(["-c", "import paho.mqtt, onnxruntime, numpy"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
