@@ -2,7 +2,11 @@
 //!
 //! The hub grows into the fleet's control plane (agent sessions, replicas, model rollouts,
 //! dashboard). Today it carries the operator commands that need no fleet: checking that the
-//! sample models load and run with the same runner the agents use.
+//! sample models load and run with the same runner the agents use, and [`simulate`], which
+//! compares the scaling policies and forecasters of `models` in the deterministic simulator
+//! before they are trusted with real replicas.
+
+pub mod simulate;
 
 use models::{LoadedModel, zoo};
 

@@ -33,12 +33,14 @@ pub struct Observation {
 }
 
 impl Observation {
-    /// Demand over the capacity of the ready replicas (∞ with none ready and demand waiting).
+    /// Demand (arrival rate) over the capacity of the ready replicas (∞ with none ready and
+    /// demand arriving). The backlog is not part of it: like a request-rate metric in
+    /// Kubernetes or Knative, it measures what arrives, not what waits.
     pub fn utilisation(&self) -> f64 {
         let cap = self.ready as f64 * self.capacity;
         if cap > 0.0 {
-            (self.demand + self.queue) / cap
-        } else if self.demand + self.queue > 0.0 {
+            self.demand / cap
+        } else if self.demand > 0.0 {
             f64::INFINITY
         } else {
             0.0
@@ -96,7 +98,7 @@ impl Policy for Threshold {
         }
         let u = obs.utilisation();
         let desired = if u > self.up {
-            let need = ((obs.demand + obs.queue) / (obs.capacity * self.up)).ceil() as usize;
+            let need = (obs.demand / (obs.capacity * self.up)).ceil() as usize;
             need.max(obs.replicas + 1)
         } else if u < self.down && obs.replicas > self.min {
             obs.replicas - 1
@@ -176,7 +178,7 @@ impl Policy for Hpa {
         let utilisation = if obs.replicas == 0 {
             0.0
         } else {
-            (obs.demand + obs.queue) / (obs.replicas as f64 * obs.capacity)
+            obs.demand / (obs.replicas as f64 * obs.capacity)
         };
         let recommendation = self
             .raw_desired(current, utilisation)
@@ -276,7 +278,7 @@ impl Policy for Kpa {
         "KPA".into()
     }
     fn decide(&mut self, now: f64, obs: &Observation) -> usize {
-        let load = obs.demand + obs.queue;
+        let load = obs.demand;
         self.samples.push_back((now, load));
         while self
             .samples
@@ -398,7 +400,9 @@ impl Policy for Predictive {
 
 /// Tabular Q-learning: Q(s,a) ← Q(s,a) + α[r + γ·max Q(s',a') − Q(s,a)], ε-greedy with decay.
 ///
-/// State: utilisation bucket, replica bucket, demand trend (falling, flat, rising). Actions:
+/// State: utilisation bucket, backlog or not, replicas warming or not, demand trend
+/// (falling, flat, rising). Q-values start pessimistic (−100), so an action never tried in
+/// a state does not look better than one that was. Actions:
 /// remove one replica, hold, add one, add a quarter more (at least two). Seeded; `freeze`
 /// stops learning and exploration for evaluation.
 #[derive(Debug, Clone)]
@@ -424,7 +428,6 @@ pub struct QLearning {
 
 const ACTIONS: usize = 4;
 const UTIL_BUCKETS: usize = 8;
-const REPLICA_BUCKETS: usize = 8;
 const TRENDS: usize = 3;
 
 impl QLearning {
@@ -432,12 +435,12 @@ impl QLearning {
     pub fn new(max: usize, seed: u64) -> Self {
         QLearning {
             alpha: 0.1,
-            gamma: 0.9,
+            gamma: 0.98,
             epsilon: 1.0,
             epsilon_decay: 0.9995,
             epsilon_min: 0.02,
             max,
-            q: vec![[0.0; ACTIONS]; UTIL_BUCKETS * REPLICA_BUCKETS * TRENDS],
+            q: vec![[-100.0; ACTIONS]; UTIL_BUCKETS * 4 * TRENDS],
             last: None,
             prev_demand: 0.0,
             frozen: false,
@@ -458,17 +461,17 @@ impl QLearning {
     }
 
     fn state(&self, obs: &Observation) -> usize {
+        // Utilisation of the replicas that exist (warming ones included: they are the
+        // capacity already paid for), whether a backlog is waiting, and the demand trend.
         let u = if obs.replicas == 0 {
             if obs.demand > 0.0 { 10.0 } else { 0.0 }
         } else {
-            (obs.demand + obs.queue) / (obs.replicas as f64 * obs.capacity)
+            obs.demand / (obs.replicas as f64 * obs.capacity)
         };
         let edges = [0.05, 0.3, 0.5, 0.65, 0.8, 0.95, 1.2];
         let ub = edges.iter().take_while(|e| u >= **e).count();
-        let rb = match obs.replicas {
-            0 => 0,
-            n => ((n as f64).log2().floor() as usize + 1).min(REPLICA_BUCKETS - 1),
-        };
+        let backlog = usize::from(obs.queue > 0.0);
+        let warming = usize::from(obs.ready < obs.replicas);
         let change = obs.demand - self.prev_demand;
         let tb = if change > 0.05 * self.prev_demand.max(1.0) {
             2
@@ -477,7 +480,7 @@ impl QLearning {
         } else {
             1
         };
-        (ub * REPLICA_BUCKETS + rb) * TRENDS + tb
+        ((ub * 2 + backlog) * 2 + warming) * TRENDS + tb
     }
 
     fn apply(&self, action: usize, replicas: usize) -> usize {
@@ -520,7 +523,9 @@ impl Policy for QLearning {
             self.last = Some((s, action));
         }
         self.prev_demand = obs.demand;
-        self.apply(action, obs.replicas)
+        // Like Knative's activator: demand with no replica at all always gets one.
+        let floor = usize::from(obs.demand > 0.0);
+        self.apply(action, obs.replicas).max(floor)
     }
 }
 

@@ -197,7 +197,7 @@ pub fn simulate(rates: &[f64], policy: &mut dyn Policy, config: &SimConfig, seed
             out.slo_violation_secs += 1;
         }
         let waiting: f64 = queue.iter().map(|(_, c)| c).sum();
-        let needed = ((arrivals / config.capacity).ceil()) as f64;
+        let needed = (arrivals / config.capacity).ceil();
         out.over_provisioned += (ready as f64 - needed).max(0.0);
         out.under_provisioned += (needed - ready as f64).max(0.0);
         out.replica_secs += replicas.len() as f64;

@@ -22,10 +22,17 @@ use spillway_tests::{Agent, Broker, Listener, Publisher, mosquitto_path, referen
 
 struct Row {
     model: &'static str,
-    raw: f64,
-    agent: f64,
-    agent_rss_mb: f64,
-    python: Option<(f64, f64)>,
+    raw: Run,
+    agent: Run,
+    python: Option<Run>,
+}
+
+/// One measured configuration: throughput, CPU seconds per window, peak RSS.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    rate: f64,
+    cpu_us: f64,
+    rss_mb: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,7 +64,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("{}: raw tract loop", model.name);
         let raw = raw_tract(model, workers, windows)?;
         eprintln!("{}: edge-agent end to end", model.name);
-        let (agent, agent_rss) = runtime.block_on(end_to_end(
+        let agent = runtime.block_on(end_to_end(
             &mosquitto,
             Target::Agent { model, workers },
             windows,
@@ -80,32 +87,34 @@ fn main() -> anyhow::Result<()> {
             model: model.name,
             raw,
             agent,
-            agent_rss_mb: agent_rss,
             python: python_row,
         });
     }
 
-    println!("\n### Throughput, {workers} worker threads, windows/s (median of 3 runs each)\n");
+    println!("\n### Throughput with {workers} worker threads (median of 3 runs each)\n");
     println!(
-        "| model | raw tract loop | edge-agent end to end | agent ÷ raw | Python agent | agent ÷ Python | agent RSS | Python RSS |"
+        "| model | raw tract loop, windows/s | edge-agent end to end, windows/s | agent ÷ raw | CPU per window: raw / agent (µs) | raw ÷ agent CPU | Python agent, windows/s | agent ÷ Python | agent RSS | Python RSS |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
         let (py, ratio, py_rss) = match r.python {
-            Some((t, rss)) => (
-                format!("{t:.0}"),
-                format!("{:.2}", r.agent / t),
-                format!("{rss:.1} MB"),
+            Some(p) => (
+                format!("{:.0}", p.rate),
+                format!("{:.2}", r.agent.rate / p.rate),
+                format!("{:.1} MB", p.rss_mb),
             ),
             None => ("–".into(), "–".into(), "–".into()),
         };
         println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {py} | {ratio} | {:.1} MB | {py_rss} |",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} / {:.0} | {:.2} | {py} | {ratio} | {:.1} MB | {py_rss} |",
             r.model,
-            r.raw,
-            r.agent,
-            r.agent / r.raw,
-            r.agent_rss_mb
+            r.raw.rate,
+            r.agent.rate,
+            r.agent.rate / r.raw.rate,
+            r.raw.cpu_us,
+            r.agent.cpu_us,
+            r.raw.cpu_us / r.agent.cpu_us,
+            r.agent.rss_mb
         );
     }
 
@@ -140,12 +149,14 @@ fn runner(model: zoo::ZooModel) -> anyhow::Result<models::Runner> {
 }
 
 /// Windows per second of `workers` threads doing nothing but inference (median of 3).
-fn raw_tract(model: zoo::ZooModel, workers: usize, windows: usize) -> anyhow::Result<f64> {
+fn raw_tract(model: zoo::ZooModel, workers: usize, windows: usize) -> anyhow::Result<Run> {
     let runner = runner(model)?;
     let reference = std::sync::Arc::new(reference(model.name)?);
     let mut rates = Vec::new();
+    let mut cpu = Vec::new();
     for _ in 0..3 {
         let start = Instant::now();
+        let cpu_start = cpu_secs(std::process::id());
         let threads: Vec<_> = (0..workers)
             .map(|w| {
                 let runner = runner.clone();
@@ -162,8 +173,25 @@ fn raw_tract(model: zoo::ZooModel, workers: usize, windows: usize) -> anyhow::Re
             t.join().map_err(|_| anyhow::anyhow!("worker panicked"))?;
         }
         rates.push(windows as f64 / start.elapsed().as_secs_f64());
+        cpu.push((cpu_secs(std::process::id()) - cpu_start) * 1e6 / windows as f64);
     }
-    Ok(median(&mut rates))
+    Ok(Run {
+        rate: median(&mut rates),
+        cpu_us: median(&mut cpu),
+        rss_mb: 0.0,
+    })
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    ticks / 100.0
 }
 
 enum Target<'a> {
@@ -178,15 +206,12 @@ enum Target<'a> {
     },
 }
 
-/// Windows per second through broker → agent → broker, and the agent's peak RSS (MB); the
-/// median of 3 runs.
-async fn end_to_end(
-    mosquitto: &Path,
-    target: Target<'_>,
-    windows: usize,
-) -> anyhow::Result<(f64, f64)> {
+/// Windows per second through broker → agent → broker, the agent's CPU time per window and
+/// its peak RSS (MB); the median of 3 runs.
+async fn end_to_end(mosquitto: &Path, target: Target<'_>, windows: usize) -> anyhow::Result<Run> {
     let mut rates = Vec::new();
     let mut rss = Vec::new();
+    let mut cpu = Vec::new();
     for run in 0..3 {
         let broker = Broker::start(mosquitto)?;
         let gateway = format!("bench{run}");
@@ -245,6 +270,8 @@ async fn end_to_end(
             .enumerate()
             .map(|(i, w)| encode_plain_json(w, i as f64))
             .collect();
+        let pid = process.pid().context("the agent under test exited")?;
+        let cpu_start = cpu_secs(pid);
         let start = Instant::now();
         for i in 0..windows {
             let topic = format!("spillway/bench/{gateway}/s{:02}/data", i % 20);
@@ -263,10 +290,15 @@ async fn end_to_end(
             );
         }
         rates.push(windows as f64 / elapsed);
+        cpu.push((cpu_secs(pid) - cpu_start) * 1e6 / windows as f64);
         rss.push(process.peak_rss_mb());
         process.stop();
     }
-    Ok((median(&mut rates), median(&mut rss)))
+    Ok(Run {
+        rate: median(&mut rates),
+        cpu_us: median(&mut cpu),
+        rss_mb: median(&mut rss),
+    })
 }
 
 enum Process {

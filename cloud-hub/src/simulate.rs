@@ -1,0 +1,510 @@
+//! `cloud-hub simulate` and `cloud-hub forecast-eval`: policies and forecasters side by side.
+//!
+//! The scenarios are the synthetic workloads of `models::sim::workloads` plus the shared
+//! demand series replayed with time compression. Each (policy, workload, seed) is one
+//! deterministic simulator run; the runs are spread over the machine's cores and summarised as
+//! mean ± 95 % confidence interval over seeds (Student's t). Q-learning is trained on the first
+//! 70 % of a workload (its own seeds), frozen, and then run like the others; a separate table
+//! evaluates it and the threshold policy on the held-out last 30 % only.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use models::forecast::{
+    self, Forecaster, Holt, HoltWinters, Naive, OnlineLinear, SeasonalNaive, Ses,
+};
+use models::policy::{Hpa, Kpa, Policy, Predictive, QLearning, Threshold};
+use models::sim::{Outcome, SimConfig, simulate, workloads};
+
+/// A workload to run policies on.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Name for tables and file names.
+    pub name: String,
+    /// Mean request rate per tick.
+    pub rates: Vec<f64>,
+    /// Its seasonal period in ticks, where it has one.
+    pub period: Option<usize>,
+}
+
+/// Seconds of simulated time one row of a shared hourly series lasts.
+pub const SECS_PER_ROW: usize = 10;
+/// Rows (hours) of a shared series replayed: the last 14 days.
+pub const ROWS: usize = 14 * 24;
+const LEN: usize = 3600;
+
+/// The six synthetic workloads.
+pub fn synthetic() -> Vec<Scenario> {
+    let s = |name: &str, rates, period| Scenario {
+        name: name.into(),
+        rates,
+        period,
+    };
+    vec![
+        s("constant", workloads::constant(LEN, 120.0), None),
+        s("step-x5", workloads::step(LEN, 60.0), None),
+        s("ramp", workloads::ramp(LEN, 20.0, 400.0), None),
+        s(
+            "diurnal",
+            workloads::diurnal(LEN, 200.0, 160.0, 900),
+            Some(900),
+        ),
+        s(
+            "flash-spike",
+            workloads::flash_spike(LEN, 60.0, 500.0, 90),
+            None,
+        ),
+        s("on-off", workloads::on_off(LEN, 150.0, 300, 300), Some(600)),
+    ]
+}
+
+/// The shared hourly series in `dir`, the last [`ROWS`] hours each, replayed at
+/// [`SECS_PER_ROW`] seconds per hour and scaled to a peak of 400 requests per second.
+pub fn shared(dir: &Path) -> anyhow::Result<Vec<Scenario>> {
+    let mut out = Vec::new();
+    for file in ["bikesharing_hourly.csv", "traffic_volume_hourly.csv"] {
+        let values = read_series(&dir.join(file))?;
+        let tail = &values[values.len().saturating_sub(ROWS)..];
+        out.push(Scenario {
+            name: file.trim_end_matches("_hourly.csv").into(),
+            rates: workloads::replay(tail, SECS_PER_ROW, 400.0),
+            period: Some(24 * SECS_PER_ROW),
+        });
+    }
+    Ok(out)
+}
+
+/// Reads a `ts,value` series.
+pub fn read_series(path: &Path) -> anyhow::Result<Vec<f64>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path:?}"))?;
+    workloads::parse_csv(&text).map_err(|e| anyhow::anyhow!("{path:?}: {e}"))
+}
+
+/// The policies compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// Threshold with hysteresis and cooldown.
+    Threshold,
+    /// Kubernetes HPA.
+    Hpa,
+    /// Knative KPA.
+    Kpa,
+    /// KPA raised to the forecast demand at the warm-up horizon.
+    Predictive,
+    /// Tabular Q-learning, trained on the first 70 %.
+    QLearning,
+}
+
+impl PolicyKind {
+    /// Every policy.
+    pub const ALL: [PolicyKind; 5] = [
+        PolicyKind::Hpa,
+        PolicyKind::Kpa,
+        PolicyKind::Threshold,
+        PolicyKind::QLearning,
+        PolicyKind::Predictive,
+    ];
+
+    /// Its name in tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            PolicyKind::Threshold => "threshold",
+            PolicyKind::Hpa => "HPA",
+            PolicyKind::Kpa => "KPA",
+            PolicyKind::Predictive => "predictive",
+            PolicyKind::QLearning => "Q-learning",
+        }
+    }
+
+    /// Parses a name as given on the command line.
+    pub fn parse(name: &str) -> Option<PolicyKind> {
+        PolicyKind::ALL
+            .into_iter()
+            .find(|k| k.label().eq_ignore_ascii_case(name))
+    }
+}
+
+/// The forecaster the predictive policy uses on a scenario: Holt-Winters where the season is
+/// known, Holt (level and trend) elsewhere.
+pub fn forecaster_for(scenario: &Scenario) -> Box<dyn Forecaster + Send> {
+    match scenario.period {
+        Some(m) => Box::new(HoltWinters::new(0.05, 0.001, 0.3, m)),
+        None => Box::new(Holt::new(0.1, 0.01)),
+    }
+}
+
+fn threshold() -> Threshold {
+    Threshold::new(0.8, 0.4, 30.0, 0)
+}
+
+/// Builds a policy for a scenario; Q-learning is trained first.
+pub fn build(
+    kind: PolicyKind,
+    scenario: &Scenario,
+    config: &SimConfig,
+    seed: u64,
+) -> Box<dyn Policy> {
+    match kind {
+        PolicyKind::Threshold => Box::new(threshold()),
+        PolicyKind::Hpa => Box::new(Hpa::new(0.7, 1, config.max_replicas)),
+        PolicyKind::Kpa => Box::new(Kpa::new(config.max_replicas)),
+        PolicyKind::Predictive => Box::new(Predictive::new(
+            Box::new(Kpa::new(config.max_replicas)),
+            forecaster_for(scenario),
+            config.warmup_secs,
+            0.7,
+            config.max_replicas,
+        )),
+        PolicyKind::QLearning => {
+            let split = scenario.rates.len() * 7 / 10;
+            Box::new(train_q(&scenario.rates[..split], config, seed))
+        }
+    }
+}
+
+/// Trains Q-learning on `rates` for a number of episodes and freezes it.
+pub fn train_q(rates: &[f64], config: &SimConfig, seed: u64) -> QLearning {
+    let mut q = QLearning::new(config.max_replicas, seed);
+    q.epsilon_decay = 0.9997;
+    for episode in 0..60 {
+        q.reset_episode();
+        simulate(
+            rates,
+            &mut q,
+            config,
+            seed.wrapping_mul(1000).wrapping_add(episode + 17),
+        );
+    }
+    q.freeze();
+    q
+}
+
+/// The runs of one policy on one scenario.
+#[derive(Debug, Clone)]
+pub struct Cell {
+    /// Policy.
+    pub policy: PolicyKind,
+    /// Scenario name.
+    pub workload: String,
+    /// One outcome per seed.
+    pub outcomes: Vec<Outcome>,
+}
+
+/// Runs every policy on every scenario for `seeds` seeds, on all cores.
+pub fn run_matrix(
+    scenarios: &[Scenario],
+    kinds: &[PolicyKind],
+    seeds: u64,
+    config: &SimConfig,
+) -> Vec<Cell> {
+    let jobs: Vec<(usize, PolicyKind)> = (0..scenarios.len())
+        .flat_map(|s| kinds.iter().map(move |k| (s, *k)))
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(s, kind)) = jobs.get(i) else { break };
+                    let scenario = &scenarios[s];
+                    let outcomes = (0..seeds)
+                        .map(|seed| {
+                            let mut policy = build(kind, scenario, config, seed + 1);
+                            simulate(&scenario.rates, policy.as_mut(), config, seed + 1)
+                        })
+                        .collect();
+                    let cell = Cell {
+                        policy: kind,
+                        workload: scenario.name.clone(),
+                        outcomes,
+                    };
+                    results
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((i, cell));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, c)| c).collect()
+}
+
+/// Mean and the half-width of its 95 % confidence interval (Student's t).
+pub fn mean_ci(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n == 1 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    // Two-sided 97.5 % quantiles of Student's t for 1..=10 degrees of freedom, then ~normal.
+    const T: [f64; 10] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    ];
+    let t = T.get(n - 2).copied().unwrap_or(1.96);
+    (mean, t * (var / n as f64).sqrt())
+}
+
+fn cell_stat(cell: &Cell, f: impl Fn(&Outcome) -> f64) -> (f64, f64) {
+    mean_ci(&cell.outcomes.iter().map(f).collect::<Vec<_>>())
+}
+
+/// The comparison as a markdown table.
+pub fn markdown(cells: &[Cell]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| workload | policy | SLO-violation s | requests over SLO | p50 ms | p99 ms | replica-s | over-prov. | under-prov. | actions | reversals | cold starts | reward |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for cell in cells {
+        let fmt = |(m, ci): (f64, f64), digits: usize| format!("{m:.digits$} ± {ci:.digits$}");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} % | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            cell.workload,
+            cell.policy.label(),
+            fmt(cell_stat(cell, |o| o.slo_violation_secs as f64), 0),
+            fmt(cell_stat(cell, |o| 100.0 * o.over_slo_share), 2),
+            fmt(cell_stat(cell, |o| 1000.0 * o.p50), 0),
+            fmt(cell_stat(cell, |o| 1000.0 * o.p99), 0),
+            fmt(cell_stat(cell, |o| o.replica_secs), 0),
+            fmt(cell_stat(cell, |o| o.over_provisioned), 0),
+            fmt(cell_stat(cell, |o| o.under_provisioned), 0),
+            fmt(cell_stat(cell, |o| o.scaling_actions as f64), 0),
+            fmt(cell_stat(cell, |o| o.reversals as f64), 0),
+            fmt(cell_stat(cell, |o| o.cold_starts as f64), 0),
+            fmt(cell_stat(cell, |o| o.reward), 0),
+        );
+    }
+    s
+}
+
+/// Predictive against KPA per workload: the ratios the design's goal is stated in.
+pub fn goal_table(cells: &[Cell]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| workload | KPA SLO-violation s | predictive SLO-violation s | ratio (goal ≤ 0.5) | replica-s ratio (goal ≤ 1.1) | met |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- |");
+    let workloads: Vec<&str> =
+        cells
+            .iter()
+            .map(|c| c.workload.as_str())
+            .fold(Vec::new(), |mut v, w| {
+                if !v.contains(&w) {
+                    v.push(w);
+                }
+                v
+            });
+    for w in workloads {
+        let find = |k| cells.iter().find(|c| c.workload == w && c.policy == k);
+        let (Some(kpa), Some(pred)) = (find(PolicyKind::Kpa), find(PolicyKind::Predictive)) else {
+            continue;
+        };
+        let kv = cell_stat(kpa, |o| o.slo_violation_secs as f64).0;
+        let pv = cell_stat(pred, |o| o.slo_violation_secs as f64).0;
+        let kr = cell_stat(kpa, |o| o.replica_secs).0;
+        let pr = cell_stat(pred, |o| o.replica_secs).0;
+        let ratio = if kv > 0.0 {
+            pv / kv
+        } else if pv > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        };
+        let met = ratio <= 0.5 && pr / kr <= 1.1;
+        let _ = writeln!(
+            s,
+            "| {w} | {kv:.1} | {pv:.1} | {ratio:.2} | {:.2} | {} |",
+            pr / kr,
+            if met { "yes" } else { "no" }
+        );
+    }
+    s
+}
+
+/// Q-learning trained on the first 70 % of each scenario, frozen, against the threshold
+/// policy on the last 30 %: cumulative reward, mean ± CI over `seeds`.
+pub fn q_holdout(scenarios: &[Scenario], seeds: u64, config: &SimConfig) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| workload | threshold reward (last 30 %) | Q-learning reward (last 30 %) | Q-learning better |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- |");
+    for scenario in scenarios {
+        let split = scenario.rates.len() * 7 / 10;
+        let (train, test) = scenario.rates.split_at(split);
+        let mut th = Vec::new();
+        let mut ql = Vec::new();
+        for seed in 1..=seeds {
+            th.push(simulate(test, &mut threshold(), config, seed + 100).reward);
+            let mut q = train_q(train, config, seed);
+            ql.push(simulate(test, &mut q, config, seed + 100).reward);
+        }
+        let (tm, tci) = mean_ci(&th);
+        let (qm, qci) = mean_ci(&ql);
+        let _ = writeln!(
+            s,
+            "| {} | {tm:.0} ± {tci:.0} | {qm:.0} ± {qci:.0} | {} |",
+            scenario.name,
+            if qm > tm { "yes" } else { "no" }
+        );
+    }
+    s
+}
+
+/// Forecast accuracy of every forecaster on `series` (period `period`) at `horizon`.
+pub fn forecast_table(series: &[(String, Vec<f64>)], period: usize, horizon: usize) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| series | forecaster | MAE | RMSE | MASE | sMAPE % | under-forecast |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- |");
+    for (name, values) in series {
+        let mut candidates: Vec<Box<dyn Forecaster>> = vec![
+            Box::new(Naive::default()),
+            Box::new(SeasonalNaive::new(period)),
+            Box::new(Ses::new(0.5)),
+            Box::new(Holt::new(0.5, 0.1)),
+            Box::new(HoltWinters::new(0.3, 0.01, 0.3, period)),
+            // Lags aligned with the target step: the same hour a day and a week before it.
+            Box::new(OnlineLinear::new(
+                &[
+                    1,
+                    2,
+                    period + 1 - horizon.min(period),
+                    7 * period + 1 - horizon.min(period),
+                ],
+                horizon,
+                0.01,
+            )),
+        ];
+        let mut best: Option<(String, f64)> = None;
+        for f in &mut candidates {
+            let scores = forecast::evaluate(f.as_mut(), values, horizon, period, period * 7);
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {:.1} | {:.1} | {:.3} | {:.1} | {:.2} |",
+                f.name(),
+                scores.mae,
+                scores.rmse,
+                scores.mase,
+                scores.smape,
+                scores.under_share
+            );
+            if best.as_ref().is_none_or(|(_, m)| scores.mase < *m) {
+                best = Some((f.name(), scores.mase));
+            }
+        }
+        if let Some((f, m)) = best {
+            let _ = writeln!(s, "| {name} | **best: {f}** | | | **{m:.3}** | | |");
+        }
+    }
+    s
+}
+
+/// Draws demand, capacity, replicas and latency over time for each policy on one scenario.
+pub fn plot(scenario: &Scenario, cells: &[Cell], path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let cells: Vec<&Cell> = cells
+        .iter()
+        .filter(|c| c.workload == scenario.name)
+        .collect();
+    let root = SVGBackend::new(path, (1200, 900)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let panels = root.split_evenly((2, 1));
+    let len = scenario.rates.len() as f64;
+    let colours = [RED, BLUE, GREEN, MAGENTA, CYAN];
+    let max_rate = scenario.rates.iter().copied().fold(1.0, f64::max) * 1.5;
+    let draw = |area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+                caption: &str,
+                ymax: f64,
+                series: &dyn Fn(&Outcome) -> Vec<(f64, f64)>|
+     -> anyhow::Result<()> {
+        let mut chart = ChartBuilder::on(area)
+            .caption(caption, ("sans-serif", 18))
+            .margin(8)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..len, 0.0..ymax)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if caption.starts_with("demand") {
+            chart
+                .draw_series(LineSeries::new(
+                    scenario
+                        .rates
+                        .iter()
+                        .enumerate()
+                        .map(|(t, r)| (t as f64, *r)),
+                    BLACK,
+                ))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label("demand (mean rate)")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLACK));
+        }
+        for (cell, colour) in cells.iter().zip(colours) {
+            let Some(first) = cell.outcomes.first() else {
+                continue;
+            };
+            chart
+                .draw_series(LineSeries::new(series(first), colour))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(cell.policy.label())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], colour));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    };
+    draw(
+        &panels[0],
+        &format!("demand and ready capacity (req/s): {}", scenario.name),
+        max_rate,
+        &|o| {
+            o.trace
+                .iter()
+                .enumerate()
+                .map(|(t, r)| (t as f64, r.capacity))
+                .collect()
+        },
+    )?;
+    draw(
+        &panels[1],
+        "mean latency of requests served (s), seed 1",
+        31.0,
+        &|o| {
+            o.trace
+                .iter()
+                .enumerate()
+                .map(|(t, r)| (t as f64, r.latency))
+                .collect()
+        },
+    )?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
