@@ -508,3 +508,51 @@ pub fn plot(scenario: &Scenario, cells: &[Cell], path: &Path) -> anyhow::Result<
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confidence_interval_uses_students_t() {
+        let (mean, ci) = mean_ci(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(mean, 3.0);
+        // t(0.975, 4) · s / √n = 2.776 · √2.5 / √5.
+        assert!((ci - 2.776 * (2.5f64 / 5.0).sqrt()).abs() < 1e-9);
+        assert_eq!(mean_ci(&[7.0]), (7.0, 0.0));
+    }
+
+    #[test]
+    fn the_comparison_is_reproducible_and_ordered() {
+        let scenarios: Vec<Scenario> = synthetic().into_iter().take(2).collect();
+        let config = SimConfig::default();
+        let kinds = [PolicyKind::Kpa, PolicyKind::Predictive];
+        let a = run_matrix(&scenarios, &kinds, 2, &config);
+        let b = run_matrix(&scenarios, &kinds, 2, &config);
+        assert_eq!(a.len(), 4);
+        let names: Vec<_> = a.iter().map(|c| (c.workload.as_str(), c.policy)).collect();
+        assert_eq!(
+            names,
+            vec![
+                ("constant", PolicyKind::Kpa),
+                ("constant", PolicyKind::Predictive),
+                ("step-x5", PolicyKind::Kpa),
+                ("step-x5", PolicyKind::Predictive)
+            ]
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.outcomes, y.outcomes);
+        }
+        let table = markdown(&a);
+        assert_eq!(table.lines().count(), 2 + 4);
+    }
+
+    #[test]
+    fn policy_names_parse_back() {
+        for kind in PolicyKind::ALL {
+            assert_eq!(PolicyKind::parse(kind.label()), Some(kind));
+        }
+        assert_eq!(PolicyKind::parse("hpa"), Some(PolicyKind::Hpa));
+        assert_eq!(PolicyKind::parse("nope"), None);
+    }
+}

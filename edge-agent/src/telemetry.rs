@@ -113,6 +113,7 @@ impl LogLimiter {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

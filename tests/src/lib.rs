@@ -7,6 +7,8 @@
 //! tools would see. When mosquitto is not installed the tests say so and skip, except in CI
 //! (`CI` set), where a missing broker is a failure.
 
+#![allow(clippy::disallowed_methods)] // test harness: waits with deadlines
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpListener;

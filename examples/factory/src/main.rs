@@ -6,6 +6,8 @@
 //! a few seconds. A listener on the results prints a live summary every second and a final
 //! one on Ctrl-C or after `--duration`.
 
+#![allow(clippy::disallowed_methods)] // a demo driver
+
 mod machine;
 
 use std::collections::HashSet;

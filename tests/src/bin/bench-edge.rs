@@ -11,6 +11,8 @@
 //! Run: `cargo build --release --workspace --bins && target/release/bench-edge`.
 //! Needs mosquitto; the Python columns need `pip install -r bench/requirements.txt`.
 
+#![allow(clippy::disallowed_methods)] // a benchmark reads the clock
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
