@@ -167,7 +167,7 @@ pub fn build(
 pub fn train_q(rates: &[f64], config: &SimConfig, seed: u64) -> QLearning {
     let mut q = QLearning::new(config.max_replicas, seed);
     q.epsilon_decay = 0.9997;
-    for episode in 0..60 {
+    for episode in 0..200 {
         q.reset_episode();
         simulate(
             rates,

@@ -401,10 +401,11 @@ impl Policy for Predictive {
 /// Tabular Q-learning: Q(s,a) ← Q(s,a) + α[r + γ·max Q(s',a') − Q(s,a)], ε-greedy with decay.
 ///
 /// State: utilisation bucket, backlog or not, replicas warming or not, demand trend
-/// (falling, flat, rising). Q-values start pessimistic (−100), so an action never tried in
-/// a state does not look better than one that was. Actions:
-/// remove one replica, hold, add one, add a quarter more (at least two). Seeded; `freeze`
-/// stops learning and exploration for evaluation.
+/// (falling, flat, rising). Actions: remove one replica, hold, add one, or match the demand
+/// at 70 % utilisation (what a reactive autoscaler would do), so the learner chooses *when* to
+/// act rather than rediscovering how much. Q-values start pessimistic (−100), so an action
+/// never tried in a state does not look better than one that was. Seeded; `freeze` stops
+/// learning and exploration for evaluation.
 #[derive(Debug, Clone)]
 pub struct QLearning {
     /// Learning rate α.
@@ -434,7 +435,7 @@ impl QLearning {
     /// A fresh learner with a seed.
     pub fn new(max: usize, seed: u64) -> Self {
         QLearning {
-            alpha: 0.1,
+            alpha: 0.3,
             gamma: 0.98,
             epsilon: 1.0,
             epsilon_decay: 0.9995,
@@ -483,12 +484,14 @@ impl QLearning {
         ((ub * 2 + backlog) * 2 + warming) * TRENDS + tb
     }
 
-    fn apply(&self, action: usize, replicas: usize) -> usize {
+    fn apply(&self, action: usize, obs: &Observation) -> usize {
+        let replicas = obs.replicas;
         let next = match action {
             0 => replicas.saturating_sub(1),
             1 => replicas,
             2 => replicas + 1,
-            _ => replicas + (replicas / 4).max(2),
+            // Match the demand at 70 % utilisation, as a reactive autoscaler would.
+            _ => ((obs.demand / (obs.capacity * 0.7)).ceil() as usize).max(replicas + 1),
         };
         next.min(self.max)
     }
@@ -525,7 +528,7 @@ impl Policy for QLearning {
         self.prev_demand = obs.demand;
         // Like Knative's activator: demand with no replica at all always gets one.
         let floor = usize::from(obs.demand > 0.0);
-        self.apply(action, obs.replicas).max(floor)
+        self.apply(action, obs).max(floor)
     }
 }
 
@@ -651,6 +654,43 @@ mod tests {
         assert_eq!(p.decide(1.0, &obs(90.0, 5, 5)), 12, "ceil(90 / 8)");
         assert_eq!(p.decide(2.0, &obs(5.0, 12, 12)), 12, "cooling down");
         assert_eq!(p.decide(40.0, &obs(5.0, 12, 12)), 11);
+    }
+
+    #[test]
+    fn q_learning_applies_its_update_rule() {
+        let mut q = QLearning::new(100, 7);
+        q.alpha = 0.5;
+        q.gamma = 0.9;
+        q.epsilon = 0.0;
+        q.epsilon_min = 0.0;
+        let first = obs(10.0, 2, 2);
+        let s = q.state(&first);
+        // All values start at −100: the greedy choice is "hold" (index 1), keeping 2 replicas.
+        assert_eq!(q.decide(0.0, &first), 2);
+        let second = Observation {
+            reward: -2.0,
+            ..first
+        };
+        q.decide(1.0, &second);
+        // Q ← −100 + 0.5 · (−2 + 0.9 · (−100) − (−100)) = −96.
+        assert!((q.q[s][1] - -96.0).abs() < 1e-12, "{}", q.q[s][1]);
+        q.freeze();
+        let before = q.q.clone();
+        q.decide(
+            2.0,
+            &Observation {
+                reward: -50.0,
+                ..first
+            },
+        );
+        q.decide(
+            3.0,
+            &Observation {
+                reward: -50.0,
+                ..first
+            },
+        );
+        assert_eq!(q.q, before, "a frozen learner does not learn");
     }
 
     #[test]
