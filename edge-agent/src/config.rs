@@ -139,7 +139,7 @@ pub struct ModelSection {
 }
 
 /// `[sensors]`: the sensor → model assignment.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SensorsSection {
     /// Model for sensors not listed in `assign`; without it such sensors are refused.
@@ -151,6 +151,16 @@ pub struct SensorsSection {
     /// Sensor name → model name.
     #[serde(default)]
     pub assign: BTreeMap<String, String>,
+}
+
+impl Default for SensorsSection {
+    fn default() -> Self {
+        SensorsSection {
+            default_model: None,
+            max_sensors: default_max_sensors(),
+            assign: BTreeMap::new(),
+        }
+    }
 }
 
 fn default_queue_capacity() -> usize {
@@ -399,6 +409,14 @@ mod tests {
         assert_eq!(c.mqtt.port, 1883);
         assert_eq!(c.agent.queue_capacity, 256);
         assert_eq!(c.client_id(), "spillway-plant-gw1");
+    }
+
+    #[test]
+    fn a_missing_section_gets_the_same_defaults_as_an_empty_one() {
+        let toml = "[agent]\nsite = \"a\"\ngateway = \"b\"\n[[models]]\nname = \"m\"\nzoo = \"vibration-ae\"\n";
+        let c = AgentConfig::from_toml_str(toml, no_env()).expect("valid");
+        assert_eq!(c.sensors.max_sensors, 256);
+        assert_eq!(c.mqtt.reconnect_max_ms, 5_000);
     }
 
     #[test]

@@ -1,0 +1,81 @@
+//! The `edge-agent` command line: version, and configuration checks that exit.
+//!
+//! (Building these tests also builds the binary that the workspace's end-to-end tests run.)
+
+use std::process::Command;
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+}
+
+#[test]
+fn version_names_the_target() {
+    let out = agent().arg("--version").output().expect("runs");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(env!("CARGO_PKG_VERSION")), "{text}");
+    assert!(text.contains("linux"), "the target triple: {text}");
+}
+
+#[test]
+fn check_config_loads_the_models_and_exits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "[agent]\nsite = \"s\"\ngateway = \"g\"\n[[models]]\nname = \"vib\"\nzoo = \"vibration-ae\"\n\
+         [sensors]\ndefault_model = \"vib\"\n",
+    )
+    .expect("write");
+    let out = agent()
+        .arg("--config")
+        .arg(&path)
+        .arg("--check-config")
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+}
+
+#[test]
+fn check_config_refuses_a_bad_config_and_says_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "[agent]\nsite = \"s\"\ngateway = \"g\"\nqueue_capacity = 0\n[[models]]\nname = \"vib\"\n\
+         path = \"missing.onnx\"\n",
+    )
+    .expect("write");
+    let out = agent()
+        .arg("--config")
+        .arg(&path)
+        .arg("--check-config")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("queue_capacity"), "{err}");
+
+    std::fs::write(
+        &path,
+        "[agent]\nsite = \"s\"\ngateway = \"g\"\n[[models]]\nname = \"vib\"\npath = \"missing.onnx\"\n",
+    )
+    .expect("write");
+    let out = agent()
+        .arg("--config")
+        .arg(&path)
+        .arg("--check-config")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("missing.onnx"),
+        "the unreadable model is named: {err}"
+    );
+}
