@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Spillway edge agent: MQTT sensor windows in, ONNX inference results out.
 #[derive(Debug, Parser)]
-#[command(version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SPILLWAY_TARGET"), ")"))]
+#[command(version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SPILLWAY_REVISION"), ", ", env!("SPILLWAY_TARGET"), ")"))]
 struct Args {
     /// Configuration file (TOML); `SPILLWAY__SECTION__KEY` variables override it.
     #[arg(short, long, default_value = "/etc/spillway/agent.toml")]

@@ -9,30 +9,35 @@ fn agent() -> Command {
 }
 
 #[test]
-fn version_names_the_target() {
+fn version_names_the_revision_and_target() {
     let out = agent().arg("--version").output().expect("runs");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(env!("CARGO_PKG_VERSION")), "{text}");
     assert!(text.contains("linux"), "the target triple: {text}");
+    let inside = text.split('(').nth(1).unwrap_or_default();
+    assert_eq!(inside.split(", ").count(), 2, "revision and target: {text}");
 }
 
-#[test]
-fn check_config_loads_the_models_and_exits() {
+/// Runs `edge-agent --check-config` on a config written from `toml`.
+fn check_config(toml: &str) -> std::process::Output {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("agent.toml");
-    std::fs::write(
-        &path,
-        "[agent]\nsite = \"s\"\ngateway = \"g\"\n[[models]]\nname = \"vib\"\nzoo = \"vibration-ae\"\n\
-         [sensors]\ndefault_model = \"vib\"\n",
-    )
-    .expect("write");
-    let out = agent()
+    std::fs::write(&path, toml).expect("write");
+    agent()
         .arg("--config")
         .arg(&path)
         .arg("--check-config")
         .output()
-        .expect("runs");
+        .expect("runs")
+}
+
+#[test]
+fn check_config_loads_the_models_and_exits() {
+    let out = check_config(
+        "[agent]\nsite = \"s\"\ngateway = \"g\"\n[[models]]\nname = \"vib\"\nzoo = \"vibration-ae\"\n\
+         [sensors]\ndefault_model = \"vib\"\n",
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -43,35 +48,17 @@ fn check_config_loads_the_models_and_exits() {
 
 #[test]
 fn check_config_refuses_a_bad_config_and_says_why() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("agent.toml");
-    std::fs::write(
-        &path,
+    let out = check_config(
         "[agent]\nsite = \"s\"\ngateway = \"g\"\nqueue_capacity = 0\n[[models]]\nname = \"vib\"\n\
          path = \"missing.onnx\"\n",
-    )
-    .expect("write");
-    let out = agent()
-        .arg("--config")
-        .arg(&path)
-        .arg("--check-config")
-        .output()
-        .expect("runs");
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("queue_capacity"), "{err}");
 
-    std::fs::write(
-        &path,
+    let out = check_config(
         "[agent]\nsite = \"s\"\ngateway = \"g\"\n[[models]]\nname = \"vib\"\npath = \"missing.onnx\"\n",
-    )
-    .expect("write");
-    let out = agent()
-        .arg("--config")
-        .arg(&path)
-        .arg("--check-config")
-        .output()
-        .expect("runs");
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
