@@ -431,7 +431,13 @@ pub fn plot(scenario: &Scenario, cells: &[Cell], path: &Path) -> anyhow::Result<
     let panels = root.split_evenly((2, 1));
     let len = scenario.rates.len() as f64;
     let colours = [RED, BLUE, GREEN, MAGENTA, CYAN];
-    let max_rate = scenario.rates.iter().copied().fold(1.0, f64::max) * 1.5;
+    let max_rate = cells
+        .iter()
+        .filter_map(|c| c.outcomes.first())
+        .flat_map(|o| o.trace.iter().map(|r| r.capacity))
+        .chain(scenario.rates.iter().copied())
+        .fold(1.0, f64::max)
+        * 1.1;
     let draw = |area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
                 caption: &str,
                 ymax: f64,
