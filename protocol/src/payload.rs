@@ -135,29 +135,28 @@ pub fn decode_samples(bytes: &[u8], limits: &Limits) -> Result<Samples, PayloadE
                 serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
             senml_values(records.into_iter().map(|r| (r.bt, r.bv, r.t, r.v))).map_err(malformed)?
         }
-        Format::PlainCbor | Format::SenmlCbor => {
+        Format::PlainCbor => {
+            // Straight into the struct: no intermediate value per sample.
+            let plain: Plain =
+                serde_cbor::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
+            (plain.values, plain.ts)
+        }
+        Format::SenmlCbor => {
             let value: Value =
                 serde_cbor::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
-            match value {
-                Value::Array(records) => senml_values(
-                    records
-                        .iter()
-                        .map(cbor_record)
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(&malformed)?,
-                )
-                .map_err(malformed)?,
-                Value::Map(_) => {
-                    let plain: Plain = serde_cbor::value::from_value(value)
-                        .map_err(|e| malformed(e.to_string()))?;
-                    (plain.values, plain.ts)
-                }
-                _ => {
-                    return Err(malformed(
-                        "expected an array of SenML records or a map".into(),
-                    ));
-                }
-            }
+            let Value::Array(records) = value else {
+                return Err(malformed(
+                    "expected an array of SenML records or a map".into(),
+                ));
+            };
+            senml_values(
+                records
+                    .iter()
+                    .map(cbor_record)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(&malformed)?,
+            )
+            .map_err(malformed)?
         }
     };
     if raw.is_empty() || raw.len() > limits.max_samples {
@@ -276,6 +275,16 @@ pub fn encode_senml_json(values: &[f32], ts: f64, period_secs: f64) -> Vec<u8> {
     serde_json::to_vec(&records).unwrap_or_default()
 }
 
+/// Encodes samples in the plain form as CBOR (a map with `ts` and `values`, `f32` values).
+pub fn encode_plain_cbor(values: &[f32], ts: f64) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct PlainOut<'a> {
+        ts: f64,
+        values: &'a [f32],
+    }
+    serde_cbor::to_vec(&PlainOut { ts, values }).unwrap_or_default()
+}
+
 /// Encodes samples in the plain JSON form.
 pub fn encode_plain_json(values: &[f32], ts: f64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"ts": ts, "values": values})).unwrap_or_default()
@@ -296,6 +305,7 @@ mod tests {
         let ts = 1_700_000_000.5;
         for bytes in [
             encode_plain_json(&values, ts),
+            encode_plain_cbor(&values, ts),
             encode_senml_json(&values, ts, 0.001),
             encode_senml_cbor(&values, ts, 0.001),
         ] {

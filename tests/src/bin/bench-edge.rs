@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use models::{LoadedModel, zoo};
-use protocol::payload::encode_plain_json;
+use protocol::payload::{encode_plain_cbor, encode_plain_json};
 use spillway_tests::{Agent, Broker, Listener, Publisher, mosquitto_path, reference};
 
 struct Row {
@@ -47,9 +47,12 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(default)
     };
     let workers = arg("--workers", 2);
+    // `--cbor`: publish the plain form as CBOR instead of JSON (the Python agent reads JSON
+    // only, so its columns are skipped).
+    let cbor = args.iter().any(|a| a == "--cbor");
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mosquitto = mosquitto_path().context("mosquitto is needed (apt-get install mosquitto)")?;
-    let python = python_ready(&repo);
+    let python = python_ready(&repo) && !cbor;
     if !python {
         eprintln!("python3 with paho-mqtt and onnxruntime not found: Python columns skipped");
     }
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             &mosquitto,
             Target::Agent { model, workers },
             windows,
+            cbor,
         ))?;
         let python_row = if python {
             eprintln!("{}: python agent end to end", model.name);
@@ -81,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                     repo: &repo,
                 },
                 windows,
+                false,
             ))?)
         } else {
             None
@@ -93,7 +98,10 @@ fn main() -> anyhow::Result<()> {
         });
     }
 
-    println!("\n### Throughput with {workers} worker threads (median of 3 runs each)\n");
+    let format = if cbor { "plain CBOR" } else { "plain JSON" };
+    println!(
+        "\n### Throughput with {workers} worker threads, {format} payloads (median of 3 runs each)\n"
+    );
     println!(
         "| model | raw tract loop, windows/s | edge-agent end to end, windows/s | agent ÷ raw | CPU per window: raw / agent (µs) | raw ÷ agent CPU | Python agent, windows/s | agent ÷ Python | agent RSS | Python RSS |"
     );
@@ -210,7 +218,12 @@ enum Target<'a> {
 
 /// Windows per second through broker → agent → broker, the agent's CPU time per window and
 /// its peak RSS (MB); the median of 3 runs.
-async fn end_to_end(mosquitto: &Path, target: Target<'_>, windows: usize) -> anyhow::Result<Run> {
+async fn end_to_end(
+    mosquitto: &Path,
+    target: Target<'_>,
+    windows: usize,
+    cbor: bool,
+) -> anyhow::Result<Run> {
     let mut rates = Vec::new();
     let mut rss = Vec::new();
     let mut cpu = Vec::new();
@@ -270,7 +283,13 @@ async fn end_to_end(mosquitto: &Path, target: Target<'_>, windows: usize) -> any
             .windows
             .iter()
             .enumerate()
-            .map(|(i, w)| encode_plain_json(w, i as f64))
+            .map(|(i, w)| {
+                if cbor {
+                    encode_plain_cbor(w, i as f64)
+                } else {
+                    encode_plain_json(w, i as f64)
+                }
+            })
             .collect();
         let pid = process.pid().context("the agent under test exited")?;
         let cpu_start = cpu_secs(pid);
