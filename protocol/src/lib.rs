@@ -3,10 +3,13 @@
 //! Nothing here opens a socket or spawns a task. [`payload`] decodes what sensors publish
 //! (SenML JSON and CBOR, and a plain `{"ts", "values"}` form) and refuses bad input with a
 //! typed error that names the counter it feeds; [`edge`] holds the messages the agent
-//! publishes (inference results and its retained status) and the MQTT topic scheme. All CBOR
-//! goes through this crate, so the codec can be swapped without touching its callers.
+//! publishes (inference results and its retained status) and the MQTT topic scheme; [`frame`]
+//! is the QUIC wire format between agents, replicas and the hub (length-prefixed CBOR frames
+//! with a size limit and a decoder that asks for more bytes instead of blocking). All CBOR goes
+//! through this crate, so the codec can be swapped without touching its callers.
 
 pub mod edge;
+pub mod frame;
 pub mod payload;
 
 pub use payload::{Format, Limits, PayloadError, Samples, decode_samples};

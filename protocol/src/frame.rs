@@ -1,0 +1,390 @@
+//! Spillway's QUIC wire format: length-prefixed CBOR frames, sans-IO.
+//!
+//! A frame is a 4-byte big-endian body length followed by one CBOR-encoded [`Message`].
+//! [`encode`] turns a message into bytes; [`Decoder::decode`] reads at most one frame from the
+//! front of a buffer and says how many bytes it used, or that it needs more — it never blocks
+//! and never allocates for a length above its configured maximum, so a hostile peer cannot make
+//! it reserve memory by announcing a huge frame. Connections negotiate [`ALPN`]; the
+//! [`PROTOCOL_VERSION`] travels in [`Hello`] and [`Welcome`].
+
+use serde::{Deserialize, Serialize};
+
+/// ALPN protocol identifier for Spillway's QUIC connections.
+pub const ALPN: &[u8] = b"spillway/1";
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Bytes of the length prefix.
+pub const HEADER_LEN: usize = 4;
+/// Default largest frame body accepted (1 MiB).
+pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
+
+/// A request id, unique per agent run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RequestId(pub u64);
+
+/// Run a model on one input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferRequest {
+    /// Request id.
+    pub id: RequestId,
+    /// Model name.
+    pub model: String,
+    /// Input shape.
+    pub shape: Vec<u32>,
+    /// Input values, row-major.
+    pub data: Vec<f32>,
+    /// Milliseconds the requester will wait from sending; work past it is dropped.
+    pub deadline_ms: u32,
+}
+
+/// One output tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tensor {
+    /// Output name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<u32>,
+    /// Values, row-major.
+    pub data: Vec<f32>,
+}
+
+/// The answer to an [`InferRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferResponse {
+    /// The request's id.
+    pub id: RequestId,
+    /// Every output.
+    pub outputs: Vec<Tensor>,
+    /// Version of the model that ran.
+    pub model_version: u32,
+    /// Microseconds the server spent, queueing included.
+    pub server_time_us: u64,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The peer sent something this protocol does not allow.
+    BadRequest,
+    /// No such model.
+    UnknownModel,
+    /// The deadline passed before the work could be done.
+    DeadlineExceeded,
+    /// The server is at its limits.
+    Overloaded,
+    /// The model failed.
+    Internal,
+    /// The peer speaks another protocol version.
+    VersionMismatch,
+}
+
+/// A failure report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Error {
+    /// The request it answers, if any.
+    pub id: Option<RequestId>,
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+/// First message of a control session, from the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version.
+    pub protocol_version: u16,
+    /// Agent software version.
+    pub agent_version: String,
+    /// Agent name.
+    pub agent: String,
+    /// Features the agent supports.
+    pub capabilities: Vec<String>,
+}
+
+/// The hub's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Protocol version.
+    pub protocol_version: u16,
+    /// Hub software version.
+    pub hub_version: String,
+    /// Replica endpoints (`host:port`).
+    pub replicas: Vec<String>,
+    /// The hub's Ed25519 public key for model signatures.
+    pub hub_public_key: Vec<u8>,
+}
+
+/// Periodic load report from an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Arrival rate, windows per second.
+    pub arrival_rate: f32,
+    /// Local capacity, windows per second.
+    pub capacity: f32,
+    /// Forecast arrival rate at the warm-up horizon.
+    pub forecast: f32,
+    /// Windows waiting locally.
+    pub queue_depth: u32,
+    /// Share of windows sent to replicas.
+    pub offload_share: f32,
+}
+
+/// Everything that travels in a frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Inference request.
+    InferRequest(InferRequest),
+    /// Inference response.
+    InferResponse(InferResponse),
+    /// Failure.
+    Error(Error),
+    /// Session opening.
+    Hello(Hello),
+    /// Session accepted.
+    Welcome(Welcome),
+    /// Load report.
+    Heartbeat(Heartbeat),
+}
+
+/// Why bytes could not be read as a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The announced body is larger than the decoder's maximum.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// The body is not a valid CBOR message.
+    #[error("malformed frame body: {0}")]
+    Malformed(String),
+}
+
+/// What [`Decoder::decode`] found at the front of a buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    /// A whole frame: the message and the bytes it took.
+    Frame {
+        /// The message.
+        message: Message,
+        /// Bytes consumed from the buffer's front.
+        consumed: usize,
+    },
+    /// Not a whole frame yet: at least this many more bytes are needed.
+    NeedMore(usize),
+}
+
+/// Encodes a message as one frame.
+pub fn encode(message: &Message) -> Vec<u8> {
+    // Serialising these types into a Vec cannot fail: every field is a plain value.
+    let body = serde_cbor::to_vec(message).unwrap_or_default();
+    let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Reads frames with a size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoder {
+    max_frame: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder {
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+impl Decoder {
+    /// A decoder that refuses bodies above `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Self {
+        Decoder { max_frame }
+    }
+
+    /// Reads one frame from the front of `buf`.
+    pub fn decode(&self, buf: &[u8]) -> Result<Decoded, FrameError> {
+        let Some(header) = buf.get(..HEADER_LEN) else {
+            return Ok(Decoded::NeedMore(HEADER_LEN - buf.len()));
+        };
+        let mut len_bytes = [0u8; HEADER_LEN];
+        len_bytes.copy_from_slice(header);
+        let len = u32::from_be_bytes(len_bytes) as usize;
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        let total = HEADER_LEN + len;
+        let Some(body) = buf.get(HEADER_LEN..total) else {
+            return Ok(Decoded::NeedMore(total - buf.len()));
+        };
+        let message =
+            serde_cbor::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        Ok(Decoded::Frame {
+            message,
+            consumed: total,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn finite() -> impl Strategy<Value = f32> {
+        -1e6f32..1e6f32
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (
+                any::<u64>(),
+                "[a-z-]{1,12}",
+                prop::collection::vec(1u32..64, 1..4),
+                prop::collection::vec(finite(), 0..64),
+                any::<u32>()
+            )
+                .prop_map(|(id, model, shape, data, deadline_ms)| {
+                    Message::InferRequest(InferRequest {
+                        id: RequestId(id),
+                        model,
+                        shape,
+                        data,
+                        deadline_ms,
+                    })
+                }),
+            (
+                any::<u64>(),
+                prop::collection::vec(("[a-z]{1,8}", prop::collection::vec(finite(), 0..16)), 0..3),
+                any::<u32>(),
+                any::<u64>()
+            )
+                .prop_map(|(id, outs, model_version, server_time_us)| {
+                    Message::InferResponse(InferResponse {
+                        id: RequestId(id),
+                        outputs: outs
+                            .into_iter()
+                            .map(|(name, data)| Tensor {
+                                name,
+                                shape: vec![data.len() as u32],
+                                data,
+                            })
+                            .collect(),
+                        model_version,
+                        server_time_us,
+                    })
+                }),
+            (proptest::option::of(any::<u64>()), ".{0,40}").prop_map(|(id, message)| {
+                Message::Error(Error {
+                    id: id.map(RequestId),
+                    code: ErrorCode::DeadlineExceeded,
+                    message,
+                })
+            }),
+            (
+                any::<u16>(),
+                ".{0,12}",
+                prop::collection::vec("[a-z]{1,6}", 0..4)
+            )
+                .prop_map(|(v, agent, capabilities)| {
+                    Message::Hello(Hello {
+                        protocol_version: v,
+                        agent_version: "0.1.0".into(),
+                        agent,
+                        capabilities,
+                    })
+                }),
+            (finite(), finite(), finite(), any::<u32>(), finite()).prop_map(|(a, c, f, q, o)| {
+                Message::Heartbeat(Heartbeat {
+                    arrival_rate: a,
+                    capacity: c,
+                    forecast: f,
+                    queue_depth: q,
+                    offload_share: o,
+                })
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn decode_of_encode_is_the_message(m in message()) {
+            let bytes = encode(&m);
+            let decoded = Decoder::default().decode(&bytes).expect("decodes");
+            prop_assert_eq!(decoded, Decoded::Frame { message: m, consumed: bytes.len() });
+        }
+
+        #[test]
+        fn every_proper_prefix_needs_more_bytes(m in message(), cut in 0.0f64..1.0) {
+            let bytes = encode(&m);
+            let at = ((bytes.len() as f64) * cut) as usize;
+            match Decoder::default().decode(&bytes[..at]).expect("a prefix is not an error") {
+                Decoded::NeedMore(n) => prop_assert!(n >= 1 && at + n <= bytes.len()),
+                other => prop_assert!(false, "decoded {other:?} from a prefix"),
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Decoder::new(128).decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn frames_are_read_one_at_a_time_from_a_stream() {
+        let a = Message::Error(Error {
+            id: None,
+            code: ErrorCode::Overloaded,
+            message: "busy".into(),
+        });
+        let b = Message::Heartbeat(Heartbeat {
+            arrival_rate: 1.0,
+            capacity: 2.0,
+            forecast: 3.0,
+            queue_depth: 4,
+            offload_share: 0.5,
+        });
+        let mut stream = encode(&a);
+        stream.extend(encode(&b));
+        let decoder = Decoder::default();
+        let Decoded::Frame { message, consumed } = decoder.decode(&stream).expect("first") else {
+            panic!("first frame")
+        };
+        assert_eq!(message, a);
+        let Decoded::Frame { message, .. } = decoder.decode(&stream[consumed..]).expect("second")
+        else {
+            panic!("second frame")
+        };
+        assert_eq!(message, b);
+    }
+
+    #[test]
+    fn an_oversized_length_is_refused_before_any_body_arrives() {
+        let header = (10u32 << 20).to_be_bytes();
+        assert_eq!(
+            Decoder::new(1 << 20).decode(&header),
+            Err(FrameError::TooLarge {
+                len: 10 << 20,
+                max: 1 << 20
+            })
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_not_a_message_is_malformed() {
+        let mut frame = 3u32.to_be_bytes().to_vec();
+        frame.extend_from_slice(&[0xff, 0x00, 0x13]);
+        assert!(matches!(
+            Decoder::default().decode(&frame),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}
