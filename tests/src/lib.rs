@@ -359,6 +359,20 @@ impl Listener {
         self.with(|c| pred(c))
     }
 
+    /// Waits for the status a clean stop leaves (`state: "offline"`, final counters).
+    pub async fn final_status(&self, limit: Duration) -> Option<Status> {
+        let arrived = self
+            .wait_until(limit, |c| {
+                c.status.as_ref().is_some_and(|s| s.state == "offline")
+            })
+            .await;
+        if arrived {
+            self.with(|c| c.status.clone())
+        } else {
+            None
+        }
+    }
+
     /// Waits for a status whose counters satisfy `pred`.
     pub async fn wait_for_counters(
         &self,

@@ -336,13 +336,10 @@ async fn sigterm_drains_in_flight_work_and_leaves_an_offline_status() -> anyhow:
         "clean exit; log:\n{}",
         agent.log()
     );
-    let last = listener
-        .wait_until(Duration::from_secs(5), |c| {
-            c.status.as_ref().is_some_and(|s| s.state == "offline")
-        })
-        .await;
-    assert!(last, "the retained status says offline after a clean stop");
-    let status = listener.with(|c| c.status.clone()).expect("final status");
+    let status = listener
+        .final_status(Duration::from_secs(5))
+        .await
+        .expect("the retained status says offline after a clean stop");
     let enqueued = status.counters["windows_enqueued"];
     assert!(enqueued > 20 && status.counters["windows_shed"] == 0);
     assert!(
@@ -439,13 +436,10 @@ async fn broker_restart_reconnects_resubscribes_and_reports_losses() -> anyhow::
     );
 
     assert!(agent.terminate(Duration::from_secs(20))?);
-    let done = listener
-        .wait_until(Duration::from_secs(5), |c| {
-            c.status.as_ref().is_some_and(|s| s.state == "offline")
-        })
-        .await;
-    assert!(done, "final status");
-    let status = listener.with(|c| c.status.clone()).expect("final status");
+    let status = listener
+        .final_status(Duration::from_secs(5))
+        .await
+        .expect("final status");
     let c = &status.counters;
     assert!(c["mqtt_connects"] >= 2, "reconnected: {c:?}");
     let answered = listener.result_count() as u64;
