@@ -5,11 +5,13 @@
 //! every way a model file can be wrong. [`zoo`] carries the sample models compiled in, so
 //! demos and tests need no files. [`forecast`] predicts a load series; [`policy`] turns
 //! observations into a replica count (threshold, Kubernetes HPA, Knative KPA, predictive,
-//! Q-learning); [`sim`] scores policies on workloads in a deterministic simulator. Nothing
+//! Q-learning); [`offload`] decides how much of an agent's work to spill to the cloud and
+//! which windows; [`sim`] scores policies on workloads in a deterministic simulator. Nothing
 //! here reads a clock or touches the network: time and samples are passed in, which is what
 //! lets the simulator and the tests replay the same code the agent and the hub run.
 
 pub mod forecast;
+pub mod offload;
 pub mod onnx;
 pub mod policy;
 pub mod sim;

@@ -118,4 +118,48 @@ pub struct Status {
     pub sensors: usize,
     /// Counters since start, by name.
     pub counters: BTreeMap<String, u64>,
+    /// The offload router's view, when offload is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<OffloadStatus>,
+}
+
+/// What the offload router believes and does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OffloadStatus {
+    /// `off`, `reactive` or `predictive`.
+    pub mode: String,
+    /// Measured arrivals, windows per second.
+    pub arrival_rate: f64,
+    /// Forecast arrivals at the horizon, windows per second.
+    pub forecast: f64,
+    /// Local capacity, windows per second.
+    pub capacity: f64,
+    /// Smoothed local inference time, microseconds.
+    pub service_time_us: u64,
+    /// The CPU quota the inference threads run under, in cores (none: no quota).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
+    /// Share of windows the forecast spill sends to the cloud.
+    pub spill_fraction: f64,
+    /// Whether the forecast spill is on.
+    pub spilling: bool,
+    /// Requests at the replicas now.
+    pub in_flight: usize,
+    /// Every configured replica.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One replica as an agent sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// `host:port`.
+    pub endpoint: String,
+    /// Whether a connection is up.
+    pub connected: bool,
+    /// Whether it is ejected after a failure.
+    pub ejected: bool,
+    /// Smoothed request latency, microseconds (0: not measured yet).
+    pub latency_us: u64,
+    /// Requests waiting on it.
+    pub in_flight: u32,
 }

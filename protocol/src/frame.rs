@@ -130,6 +130,31 @@ pub struct Heartbeat {
     pub offload_share: f32,
 }
 
+/// A replica's load, as it reports it when asked with [`Message::LoadQuery`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaLoad {
+    /// Model served.
+    pub model: String,
+    /// Version served.
+    pub model_version: u32,
+    /// Requests being run now.
+    pub in_flight: u32,
+    /// Requests waiting for a worker.
+    pub queued: u32,
+    /// Most requests that may wait.
+    pub queue_capacity: u32,
+    /// Worker threads.
+    pub workers: u32,
+    /// Smoothed time one inference takes, microseconds.
+    pub service_time_us: u64,
+    /// Requests answered since start.
+    pub served: u64,
+    /// Requests dropped because their deadline passed first.
+    pub expired: u64,
+    /// Requests refused because the queue was full.
+    pub overloaded: u64,
+}
+
 /// Everything that travels in a frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
@@ -145,6 +170,10 @@ pub enum Message {
     Welcome(Welcome),
     /// Load report.
     Heartbeat(Heartbeat),
+    /// Ask a replica for its load.
+    LoadQuery,
+    /// A replica's load.
+    Load(ReplicaLoad),
 }
 
 /// Why bytes could not be read as a frame.
@@ -302,6 +331,21 @@ mod tests {
                         capabilities,
                     })
                 }),
+            Just(Message::LoadQuery),
+            (any::<u32>(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(f, q, t, n)| {
+                Message::Load(ReplicaLoad {
+                    model: "bearing-cnn".into(),
+                    model_version: 1,
+                    in_flight: f,
+                    queued: q,
+                    queue_capacity: q.saturating_add(1),
+                    workers: 2,
+                    service_time_us: t,
+                    served: n,
+                    expired: n / 2,
+                    overloaded: n / 3,
+                })
+            }),
             (finite(), finite(), finite(), any::<u32>(), finite()).prop_map(|(a, c, f, q, o)| {
                 Message::Heartbeat(Heartbeat {
                     arrival_rate: a,
