@@ -1,12 +1,18 @@
 //! Spillway's cloud side.
 //!
 //! The hub grows into the fleet's control plane (agent sessions, replicas, model rollouts,
-//! dashboard). Today it carries the operator commands that need no fleet: checking that the
-//! sample models load and run with the same runner the agents use, and [`simulate`], which
-//! compares the scaling policies and forecasters of `models` in the deterministic simulator
-//! before they are trusted with real replicas.
+//! dashboard). Today it carries the pieces the fleet's data path needs: [`ca`], the fleet's
+//! certificate authority (every QUIC connection is mutual TLS against it, set up by [`tls`]);
+//! [`replica`], the inference server agents offload to, one QUIC stream per request with a
+//! bounded queue and deadlines; a check that the sample models load and run with the same
+//! runner the agents use; and [`simulate`], which compares the scaling policies and
+//! forecasters of `models` in the deterministic simulator before they are trusted with real
+//! replicas.
 
+pub mod ca;
+pub mod replica;
 pub mod simulate;
+pub mod tls;
 
 use models::{LoadedModel, zoo};
 

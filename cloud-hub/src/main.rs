@@ -2,12 +2,17 @@
 
 #![allow(clippy::disallowed_methods)] // times the comparison it reports
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
-use clap::{Parser, Subcommand};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use cloud_hub::ca::{self, Role};
+use cloud_hub::replica::{ModelSource, Replica, ReplicaConfig};
 use cloud_hub::simulate::{self, PolicyKind, Scenario};
+use cloud_hub::tls::TlsFiles;
 use models::sim::SimConfig;
+use tokio_util::sync::CancellationToken;
 
 /// Spillway cloud hub.
 #[derive(Debug, Parser)]
@@ -19,6 +24,13 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The fleet's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Serve one model to agents over QUIC (mutual TLS against the fleet CA).
+    Replica(ReplicaArgs),
     /// Load and run every sample model, and list them.
     Zoo,
     /// Compare scaling policies on synthetic and shared workloads in the simulator.
@@ -44,8 +56,110 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create the CA (`ca.pem`, `ca.key`) in a folder.
+    Init {
+        /// The CA folder.
+        #[arg(long, default_value = "spillway-ca")]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "Spillway fleet CA")]
+        name: String,
+    },
+    /// Issue a certificate for an agent (client) or a replica/hub (server).
+    Issue {
+        /// The CA folder.
+        #[arg(long, default_value = "spillway-ca")]
+        dir: PathBuf,
+        /// Where the certificate and key go (default: the CA folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Issue an agent certificate with this name.
+        #[arg(long, conflicts_with = "server", required_unless_present = "server")]
+        agent: Option<String>,
+        /// Issue a server certificate with this name.
+        #[arg(long)]
+        server: Option<String>,
+        /// Host names and addresses of a server (repeatable; default: its name).
+        #[arg(long = "host", requires = "server")]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(Debug, ClapArgs)]
+struct ReplicaArgs {
+    /// UDP address to listen on; port 0 picks a free one (printed at start).
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    listen: SocketAddr,
+    /// A sample model to serve.
+    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+    zoo: Option<String>,
+    /// An ONNX file to serve.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The model name agents ask for (default: the zoo name or the file stem).
+    #[arg(long)]
+    name: Option<String>,
+    /// Model version reported in responses.
+    #[arg(long, default_value_t = 1)]
+    version: u32,
+    /// Input shape, comma-separated, where the model leaves dimensions open.
+    #[arg(long, value_delimiter = ',')]
+    input_shape: Vec<usize>,
+    /// Inference threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Requests that may wait for a thread.
+    #[arg(long, default_value_t = 256)]
+    queue: usize,
+    /// Most simultaneous connections.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Largest request frame, bytes.
+    #[arg(long, default_value_t = protocol::frame::DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+    /// How long a shutdown waits for open requests, ms.
+    #[arg(long, default_value_t = 5000)]
+    drain_ms: u64,
+    /// The fleet CA certificate.
+    #[arg(long, default_value = "spillway-ca/ca.pem")]
+    ca: PathBuf,
+    /// This replica's certificate.
+    #[arg(long, default_value = "spillway-ca/replica.pem")]
+    cert: PathBuf,
+    /// This replica's key.
+    #[arg(long, default_value = "spillway-ca/replica.key")]
+    key: PathBuf,
+}
+
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
+        Command::Ca { command } => match command {
+            CaCommand::Init { dir, name } => {
+                let paths = ca::init(&dir, &name, SystemTime::now())?;
+                println!("CA certificate: {}", paths.cert.display());
+                println!("CA key:         {} (keep it secret)", paths.key.display());
+            }
+            CaCommand::Issue {
+                dir,
+                out,
+                agent,
+                server,
+                hosts,
+            } => {
+                let (name, role) = match (agent, server) {
+                    (Some(name), _) => (name, Role::Agent),
+                    (None, Some(name)) => (name, Role::Server),
+                    (None, None) => anyhow::bail!("say --agent NAME or --server NAME"),
+                };
+                let out = out.unwrap_or_else(|| dir.clone());
+                let paths = ca::issue(&dir, &out, &name, role, &hosts, SystemTime::now())?;
+                println!("certificate: {}", paths.cert.display());
+                println!("key:         {}", paths.key.display());
+            }
+        },
+        Command::Replica(args) => replica(args)?,
         Command::Zoo => {
             println!("| model | input shape | outputs | score of a zero window |");
             println!("| --- | --- | --- | --- |");
@@ -130,4 +244,63 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn replica(args: ReplicaArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let workers = match args.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let config = ReplicaConfig {
+        listen: args.listen,
+        model: match (args.zoo, args.model) {
+            (Some(zoo), _) => ModelSource::Zoo(zoo),
+            (None, Some(path)) => ModelSource::Path(path),
+            (None, None) => anyhow::bail!("say --zoo NAME or --model FILE"),
+        },
+        name: args.name,
+        version: args.version,
+        input_shape: (!args.input_shape.is_empty()).then_some(args.input_shape),
+        workers,
+        queue: args.queue,
+        max_connections: args.max_connections,
+        max_frame: args.max_frame,
+        drain: Duration::from_millis(args.drain_ms),
+        tls: TlsFiles {
+            ca: args.ca,
+            cert: args.cert,
+            key: args.key,
+        },
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let replica = Replica::bind(&config)?;
+        let addr = replica.local_addr()?;
+        // One line on stdout, for scripts and test harnesses that asked for port 0.
+        println!("listening on {addr} model {}", replica.model_name());
+        tracing::info!(%addr, model = replica.model_name(), workers, "replica serving");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        let summary = replica.serve(shutdown).await?;
+        tracing::info!(?summary, "replica stopped");
+        anyhow::Ok(())
+    })
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    shutdown.cancel();
 }

@@ -1,0 +1,194 @@
+//! The fleet's certificate authority: one self-signed CA that signs agent and replica
+//! certificates.
+//!
+//! Every QUIC connection in Spillway is mutual TLS against this CA: replicas (and later the
+//! hub) accept only clients whose certificate it signed, and agents accept only servers it
+//! signed. The CA lives in a folder as `ca.pem` + `ca.key`; issued certificates are written
+//! as `NAME.pem` + `NAME.key`. Private keys are created with mode 0600 and never overwritten.
+//! The current time is passed in.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{Context, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use time::{Duration, OffsetDateTime};
+
+/// File name of the CA certificate.
+pub const CA_CERT: &str = "ca.pem";
+/// File name of the CA private key.
+pub const CA_KEY: &str = "ca.key";
+
+/// How long the CA is valid.
+const CA_VALIDITY_DAYS: i64 = 3650;
+/// How long an issued certificate is valid.
+const LEAF_VALIDITY_DAYS: i64 = 397;
+
+/// What an issued certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// An agent: a TLS client.
+    Agent,
+    /// A replica or the hub: a TLS server, known by the given host names.
+    Server,
+}
+
+/// The paths of a certificate and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// PEM certificate.
+    pub cert: PathBuf,
+    /// PEM private key (mode 0600).
+    pub key: PathBuf,
+}
+
+/// Creates a new CA in `dir`; refuses to replace an existing one.
+pub fn init(dir: &Path, name: &str, now: SystemTime) -> anyhow::Result<Issued> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let paths = Issued {
+        cert: dir.join(CA_CERT),
+        key: dir.join(CA_KEY),
+    };
+    if paths.cert.exists() || paths.key.exists() {
+        bail!("a CA already exists in {}", dir.display());
+    }
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::from(now);
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
+    let cert = params.self_signed(&key)?;
+    write_new(&paths.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&paths.cert, cert.pem().as_bytes(), 0o644)?;
+    Ok(paths)
+}
+
+/// Issues a certificate named `name` signed by the CA in `ca_dir`, written to `out_dir`.
+///
+/// Agents are named by their certificate's common name and a DNS name; servers get every
+/// entry of `hosts` (DNS names or IP addresses) as subject alternative names.
+pub fn issue(
+    ca_dir: &Path,
+    out_dir: &Path,
+    name: &str,
+    role: Role,
+    hosts: &[String],
+    now: SystemTime,
+) -> anyhow::Result<Issued> {
+    // The name becomes a file name and a certificate name: keep it plain.
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > 64 || name.starts_with('.') || !name.chars().all(plain) {
+        bail!("{name:?} is not a valid name: use 1–64 letters, digits, '-', '_' or '.'");
+    }
+    let ca_pem = read(&ca_dir.join(CA_CERT))?;
+    let ca_key = KeyPair::from_pem(&read(&ca_dir.join(CA_KEY))?).context("reading the CA key")?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("reading the CA certificate")?;
+    let sans = match role {
+        Role::Agent => vec![name.to_owned()],
+        Role::Server if hosts.is_empty() => vec![name.to_owned()],
+        Role::Server => hosts.to_vec(),
+    };
+    let mut params = CertificateParams::new(sans)
+        .with_context(|| format!("{name:?} is not a valid DNS name or address"))?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![match role {
+        Role::Agent => ExtendedKeyUsagePurpose::ClientAuth,
+        Role::Server => ExtendedKeyUsagePurpose::ServerAuth,
+    }];
+    let now = OffsetDateTime::from(now);
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(LEAF_VALIDITY_DAYS);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let paths = Issued {
+        cert: out_dir.join(format!("{name}.pem")),
+        key: out_dir.join(format!("{name}.key")),
+    };
+    write_new(&paths.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&paths.cert, cert.pem().as_bytes(), 0o644)?;
+    Ok(paths)
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Writes a file that must not exist yet, with `mode` from its creation on.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_ca_issues_certificates_and_keeps_its_keys_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let ca = init(dir.path(), "test fleet", now).expect("init");
+        let mode = std::fs::metadata(&ca.key)
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(
+            init(dir.path(), "again", now).is_err(),
+            "an existing CA is never replaced"
+        );
+
+        let agent = issue(dir.path(), dir.path(), "gw-1", Role::Agent, &[], now).expect("agent");
+        let server = issue(
+            dir.path(),
+            dir.path(),
+            "replica",
+            Role::Server,
+            &["localhost".into(), "127.0.0.1".into()],
+            now,
+        )
+        .expect("server");
+        for issued in [&agent, &server] {
+            let pem = std::fs::read_to_string(&issued.cert).expect("cert");
+            assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+            let mode = std::fs::metadata(&issued.key)
+                .expect("key")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(
+            issue(dir.path(), dir.path(), "gw-1", Role::Agent, &[], now).is_err(),
+            "an issued key is never overwritten"
+        );
+        for bad in ["bad name!", "../escape", "", ".hidden"] {
+            assert!(
+                issue(dir.path(), dir.path(), bad, Role::Agent, &[], now).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+}

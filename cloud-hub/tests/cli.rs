@@ -1,0 +1,99 @@
+//! The `cloud-hub` binary's certificate and replica commands, run as a user runs them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+fn hub(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
+        .args(args)
+        .output()
+        .expect("cloud-hub runs")
+}
+
+#[test]
+fn ca_init_and_issue_write_certificates_with_private_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().to_str().expect("utf-8");
+    assert!(hub(&["ca", "init", "--dir", ca]).status.success());
+    let again = hub(&["ca", "init", "--dir", ca]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    let agent = hub(&["ca", "issue", "--dir", ca, "--agent", "gw-7"]);
+    assert!(
+        agent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&agent.stderr)
+    );
+    let server = hub(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca,
+        "--server",
+        "replica",
+        "--host",
+        "localhost",
+        "--host",
+        "127.0.0.1",
+    ]);
+    assert!(
+        server.status.success(),
+        "{}",
+        String::from_utf8_lossy(&server.stderr)
+    );
+    for key in ["ca.key", "gw-7.key", "replica.key"] {
+        let mode = std::fs::metadata(dir.path().join(key))
+            .expect("key written")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    assert!(
+        !hub(&["ca", "issue", "--dir", ca]).status.success(),
+        "no role given"
+    );
+}
+
+#[test]
+fn a_replica_with_a_bad_model_or_certificate_says_so_and_exits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().to_str().expect("utf-8");
+    assert!(hub(&["ca", "init", "--dir", ca]).status.success());
+    let no_model = hub(&[
+        "replica",
+        "--listen",
+        "127.0.0.1:0",
+        "--zoo",
+        "no-such-model",
+    ]);
+    assert!(!no_model.status.success());
+    assert!(String::from_utf8_lossy(&no_model.stderr).contains("no-such-model"));
+
+    let not_onnx = dir.path().join("model.onnx");
+    std::fs::write(&not_onnx, b"not a model").expect("write");
+    let bad_model = hub(&[
+        "replica",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        not_onnx.to_str().expect("utf-8"),
+    ]);
+    assert!(!bad_model.status.success());
+
+    let missing_cert = hub(&[
+        "replica",
+        "--listen",
+        "127.0.0.1:0",
+        "--zoo",
+        "vibration-ae",
+        "--ca",
+        &format!("{ca}/ca.pem"),
+        "--cert",
+        &format!("{ca}/nobody.pem"),
+        "--key",
+        &format!("{ca}/nobody.key"),
+    ]);
+    assert!(!missing_cert.status.success());
+    assert!(String::from_utf8_lossy(&missing_cert.stderr).contains("nobody.pem"));
+}
