@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::ingest::Ingest;
+use crate::offload::Offload;
 use crate::pool::{Outgoing, Pool, QueueProbe};
+use crate::router::Router;
 use crate::serving::ServedModel;
 use crate::status::Sampler;
 use crate::telemetry::{Counters, LogLimiter};
@@ -85,7 +87,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         config.agent.queue_capacity,
         Arc::clone(&models),
         topics.clone(),
-        results_tx,
+        results_tx.clone(),
         Arc::clone(&shared.counters),
     )?;
     let queue_probe = pool.probe();
@@ -94,6 +96,35 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         queue = config.agent.queue_capacity,
         "worker pool started"
     );
+    let offload = match config.offload_mode() {
+        models::offload::Mode::Off => None,
+        mode => {
+            tracing::info!(mode = mode.name(), replicas = ?config.offload.replicas, "offload on");
+            Some(Offload::start(
+                &config.offload,
+                Arc::clone(&models),
+                topics.clone(),
+                results_tx.clone(),
+                pool.local_queue(),
+                Arc::clone(&shared.counters),
+            )?)
+        }
+    };
+    // Until the workers have measured themselves, the models' warm-up runs tell the speed.
+    let initial_service = models
+        .iter()
+        .map(|m| m.probe_time)
+        .max()
+        .unwrap_or(Duration::from_millis(1));
+    let router = Arc::new(std::sync::Mutex::new(Router::new(
+        &config,
+        workers,
+        initial_service,
+        offload,
+        pool.meter(),
+        Arc::clone(&shared.counters),
+    )));
+    drop(results_tx);
     let publisher = tokio::spawn(publish_results(
         client.clone(),
         results_rx,
@@ -112,6 +143,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             queue_capacity: config.agent.queue_capacity,
             workers,
             shared: Arc::clone(&shared),
+            router: Arc::clone(&router),
         };
         let stop = status_stop.clone();
         tokio::spawn(async move {
@@ -155,8 +187,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let now = Instant::now();
+                let mut router = lock(&router);
                 ingest.handle_publish(&publish.topic, &publish.payload, now, unix_now(), |job| {
-                    pool.try_submit(job)
+                    router.submit(job, &pool, now)
                 });
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -212,12 +245,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             match event {
                 Ok(Event::Incoming(Packet::UnsubAck(_))) => break,
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let now = Instant::now();
+                    let mut router = lock(&router);
                     ingest.handle_publish(
                         &publish.topic,
                         &publish.payload,
-                        Instant::now(),
+                        now,
                         unix_now(),
-                        |job| pool.try_submit(job),
+                        |job| router.submit(job, &pool, now),
                     );
                 }
                 Ok(Event::Incoming(Packet::PubAck(_))) => {
@@ -230,7 +265,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     }
 
     // Phase 3: finish the queue, publish every result and await the acknowledgements.
-    let closing = tokio::task::spawn_blocking(move || pool.close());
+    // Remote requests end first (each by its deadline, falling back to the local queue),
+    // then the workers finish the queue.
+    let offload = lock(&router).take_offload();
+    let closing = tokio::spawn(async move {
+        if let Some(offload) = offload {
+            offload.close().await;
+        }
+        tokio::task::spawn_blocking(move || pool.close()).await
+    });
     let mut publisher: Option<JoinHandle<()>> = Some(publisher);
     let mut closing = Some(closing);
     let drained = loop {
@@ -292,6 +335,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     Ok(RunSummary { counters, drained })
 }
 
+fn lock(router: &std::sync::Mutex<Router>) -> std::sync::MutexGuard<'_, Router> {
+    // A panic while routing cannot leave the router inconsistent in a way that matters
+    // more than stopping would: keep serving.
+    router
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Builds the retained status message.
 struct StatusReporter {
     started: Instant,
@@ -300,11 +351,17 @@ struct StatusReporter {
     queue_capacity: usize,
     workers: usize,
     shared: Arc<Shared>,
+    router: Arc<std::sync::Mutex<Router>>,
 }
 
 impl StatusReporter {
     fn encode(&mut self, state: &str) -> Vec<u8> {
         let load = self.sampler.sample();
+        let offload = {
+            let mut router = lock(&self.router);
+            router.advance(Instant::now());
+            router.status()
+        };
         let status = Status {
             state: state.into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -318,6 +375,7 @@ impl StatusReporter {
             workers: self.workers,
             sensors: self.shared.sensors.load(Ordering::Relaxed),
             counters: self.shared.counters.snapshot(),
+            offload,
         };
         serde_json::to_vec(&status).unwrap_or_default()
     }

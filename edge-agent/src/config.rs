@@ -28,6 +28,9 @@ pub struct AgentConfig {
     /// Which sensor feeds which model.
     #[serde(default)]
     pub sensors: SensorsSection,
+    /// Spilling work to cloud replicas.
+    #[serde(default)]
+    pub offload: OffloadSection,
 }
 
 /// `[agent]`: identity, worker pool and limits.
@@ -163,6 +166,130 @@ impl Default for SensorsSection {
     }
 }
 
+/// `[offload]`: when and where windows go to cloud replicas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffloadSection {
+    /// `off`, `reactive` (only when the local queue would miss the SLO) or `predictive`
+    /// (forecast spill plus the reactive guard).
+    #[serde(default = "default_offload_mode")]
+    pub mode: String,
+    /// Replica endpoints, `host:port` (UDP).
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    /// The name the replicas' certificates carry.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// The fleet CA certificate (PEM); relative paths are taken from the config file's folder.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// This agent's certificate (PEM).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// This agent's private key (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Time a window may take from completion to result.
+    #[serde(default = "default_slo_ms")]
+    pub slo_ms: u64,
+    /// Arrival counting interval of the forecaster.
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+    /// Forecast horizon: how far ahead the agent looks (the cloud's lead time).
+    #[serde(default = "default_horizon_ms")]
+    pub horizon_ms: u64,
+    /// Start spilling when the forecast exceeds this share of local capacity.
+    #[serde(default = "default_rho_max")]
+    pub rho_max: f64,
+    /// While spilling, keep this share of local capacity busy.
+    #[serde(default = "default_rho_target")]
+    pub rho_target: f64,
+    /// Stop spilling when load and forecast fall below this share of local capacity.
+    #[serde(default = "default_rho_exit")]
+    pub rho_exit: f64,
+    /// Send a window remote when its local completion would use more than this share of
+    /// the SLO.
+    #[serde(default = "default_guard_share")]
+    pub guard_share: f64,
+    /// Most requests at the replicas at once; beyond it windows stay local.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// How long a replica that failed or timed out is left alone.
+    #[serde(default = "default_eject_ms")]
+    pub eject_ms: u64,
+    /// Time allowed for a QUIC handshake.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// First reconnection delay; it doubles up to `reconnect_max_ms`.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnection delay.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for OffloadSection {
+    fn default() -> Self {
+        OffloadSection {
+            mode: default_offload_mode(),
+            replicas: Vec::new(),
+            server_name: default_server_name(),
+            ca_cert: None,
+            cert: None,
+            key: None,
+            slo_ms: default_slo_ms(),
+            tick_ms: default_tick_ms(),
+            horizon_ms: default_horizon_ms(),
+            rho_max: default_rho_max(),
+            rho_target: default_rho_target(),
+            rho_exit: default_rho_exit(),
+            guard_share: default_guard_share(),
+            max_in_flight: default_max_in_flight(),
+            eject_ms: default_eject_ms(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            reconnect_min_ms: default_reconnect_min_ms(),
+            reconnect_max_ms: default_reconnect_max_ms(),
+        }
+    }
+}
+
+fn default_offload_mode() -> String {
+    "off".into()
+}
+fn default_server_name() -> String {
+    "localhost".into()
+}
+fn default_slo_ms() -> u64 {
+    500
+}
+fn default_tick_ms() -> u64 {
+    250
+}
+fn default_horizon_ms() -> u64 {
+    1_000
+}
+fn default_rho_max() -> f64 {
+    0.85
+}
+fn default_rho_target() -> f64 {
+    0.7
+}
+fn default_rho_exit() -> f64 {
+    0.6
+}
+fn default_guard_share() -> f64 {
+    0.5
+}
+fn default_max_in_flight() -> usize {
+    256
+}
+fn default_eject_ms() -> u64 {
+    5_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+
 fn default_queue_capacity() -> usize {
     256
 }
@@ -226,11 +353,17 @@ impl AgentConfig {
         let file = config::File::from(path).format(config::FileFormat::Toml);
         let mut config = Self::build(file, env)?;
         if let Some(dir) = path.parent() {
-            for model in &mut config.models {
-                if let Some(p) = &model.path
+            let o = &mut config.offload;
+            let paths = config.models.iter_mut().map(|m| &mut m.path).chain([
+                &mut o.ca_cert,
+                &mut o.cert,
+                &mut o.key,
+            ]);
+            for path in paths {
+                if let Some(p) = path
                     && p.is_relative()
                 {
-                    model.path = Some(dir.join(p));
+                    *p = dir.join(&*p);
                 }
             }
         }
@@ -339,6 +472,7 @@ impl AgentConfig {
                 problems.push(format!("model {:?}: anomaly_threshold is NaN", model.name));
             }
         }
+        self.validate_offload(&mut problems);
         let s = &self.sensors;
         if s.max_sensors == 0 {
             problems.push("sensors.max_sensors must be at least 1".into());
@@ -364,6 +498,63 @@ impl AgentConfig {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+
+    fn validate_offload(&self, problems: &mut Vec<String>) {
+        let o = &self.offload;
+        let Some(mode) = models::offload::Mode::parse(&o.mode) else {
+            problems.push(format!(
+                "offload.mode {:?} is not one of off, reactive, predictive",
+                o.mode
+            ));
+            return;
+        };
+        if mode == models::offload::Mode::Off {
+            return;
+        }
+        if o.replicas.is_empty() {
+            problems.push("offload.replicas is empty, so there is nowhere to offload to".into());
+        }
+        for r in &o.replicas {
+            if r.rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+            {
+                problems.push(format!("offload.replicas: {r:?} is not host:port"));
+            }
+        }
+        for (what, path) in [("ca_cert", &o.ca_cert), ("cert", &o.cert), ("key", &o.key)] {
+            if path.is_none() {
+                problems.push(format!("offload.{what} is needed (mutual TLS)"));
+            }
+        }
+        if o.slo_ms == 0 || o.tick_ms == 0 || o.horizon_ms == 0 {
+            problems.push("offload.slo_ms, tick_ms and horizon_ms must be at least 1".into());
+        }
+        if !(0.0 < o.rho_exit
+            && o.rho_exit < o.rho_max
+            && o.rho_target <= o.rho_max
+            && o.rho_target > 0.0)
+        {
+            problems.push(format!(
+                "offload needs 0 < rho_exit < rho_max and 0 < rho_target <= rho_max (got exit {}, target {}, max {})",
+                o.rho_exit, o.rho_target, o.rho_max
+            ));
+        }
+        if !(o.guard_share > 0.0 && o.guard_share <= 1.0) {
+            problems.push("offload.guard_share must be in (0, 1]".into());
+        }
+        if o.max_in_flight == 0 {
+            problems.push("offload.max_in_flight must be at least 1".into());
+        }
+        if o.reconnect_min_ms == 0 || o.reconnect_min_ms > o.reconnect_max_ms {
+            problems
+                .push("offload.reconnect_min_ms must be in 1..=offload.reconnect_max_ms".into());
+        }
+    }
+
+    /// The offload mode (validated at load).
+    pub fn offload_mode(&self) -> models::offload::Mode {
+        models::offload::Mode::parse(&self.offload.mode).unwrap_or(models::offload::Mode::Off)
     }
 
     /// The MQTT client id to use.
@@ -463,6 +654,23 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing from: {text}");
         }
+    }
+
+    #[test]
+    fn offload_needs_replicas_and_certificates() {
+        let toml = format!(
+            "{MINIMAL}\n[offload]\nmode = \"predictive\"\nreplicas = [\"nohost\"]\nrho_exit = 0.9\n"
+        );
+        let text = AgentConfig::from_toml_str(&toml, no_env())
+            .expect_err("invalid")
+            .to_string();
+        for needle in ["\"nohost\"", "offload.ca_cert", "offload.key", "rho_exit"] {
+            assert!(text.contains(needle), "{needle} missing from: {text}");
+        }
+        let off = AgentConfig::from_toml_str(MINIMAL, no_env()).expect("valid");
+        assert_eq!(off.offload_mode(), models::offload::Mode::Off);
+        let bad_mode = format!("{MINIMAL}\n[offload]\nmode = \"sometimes\"\n");
+        assert!(AgentConfig::from_toml_str(&bad_mode, no_env()).is_err());
     }
 
     #[test]

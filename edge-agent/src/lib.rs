@@ -3,17 +3,23 @@
 //! The hot path is split so that only one thin task does I/O. [`agent::run`] polls the MQTT
 //! event loop and hands each publish to [`ingest::Ingest`], a plain state machine that decodes
 //! the payload (through `protocol`), appends it to the sensor's fixed-capacity
-//! [`window::Window`] and turns every completed window into a job for the [`pool::Pool`]:
-//! a bounded queue in front of one inference thread per core, each running a shared, already
-//! optimised tract plan from `models`. Results go back through a bounded channel to a
+//! [`window::Window`] and turns every completed window into a job. The [`router::Router`]
+//! sends each job to the [`pool::Pool`] — a bounded queue in front of one inference thread
+//! per core, each running a shared, already optimised tract plan from `models` — or, when
+//! the forecast says the gateway will saturate or the queue would miss the SLO, to a cloud
+//! replica through [`offload::Offload`] (QUIC, mutual TLS, power of two choices, fallback to
+//! local on any failure). Results go back through a bounded channel to a
 //! publisher task (MQTT QoS 1). Every bound is explicit, so overload turns into counted
 //! shedding ([`telemetry::Counters`]) instead of memory growth, and bad input is refused with
 //! a counter and a rate-limited log line while every other sensor keeps flowing.
 
 pub mod agent;
 pub mod config;
+pub mod cpu_quota;
 pub mod ingest;
+pub mod offload;
 pub mod pool;
+pub mod router;
 pub mod serving;
 pub mod status;
 pub mod telemetry;

@@ -7,10 +7,13 @@
 //! channel, so a slow broker backs up into the queue and from there into counted shedding,
 //! never into memory. Closing the pool lets the workers finish what is queued, then join.
 
+// The workers time each inference for the router's capacity estimate.
+#![allow(clippy::disallowed_methods)]
+
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use protocol::edge::{InferenceResult, Route, Topics};
@@ -44,12 +47,75 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
 }
 
+/// Total time the workers spent in inference, and the CPU quota they run under, for the
+/// router's capacity estimate.
+#[derive(Debug, Default)]
+pub struct ServiceMeter {
+    nanos: AtomicU64,
+    cpu_nanos: AtomicU64,
+    count: AtomicU64,
+    /// The workers' CPU quota in thousandths of a core; 0 when there is none.
+    quota_millicores: AtomicU64,
+}
+
+/// How often a worker rereads its CPU quota (a container's limit can change while it runs).
+const QUOTA_REFRESH: Duration = Duration::from_secs(1);
+
+impl ServiceMeter {
+    /// The CPU quota of the workers, in cores, if one applies.
+    pub fn cpu_limit(&self) -> Option<f64> {
+        match self.quota_millicores.load(Ordering::Relaxed) {
+            0 => None,
+            m => Some(m as f64 / 1000.0),
+        }
+    }
+
+    fn refresh_quota(&self) {
+        let millicores =
+            crate::cpu_quota::current_thread().map_or(0, |c| (c * 1000.0).round().max(1.0) as u64);
+        self.quota_millicores.store(millicores, Ordering::Relaxed);
+    }
+
+    fn record(&self, wall: Duration, cpu: Duration) {
+        self.nanos
+            .fetch_add(wall.as_nanos() as u64, Ordering::Relaxed);
+        self.cpu_nanos
+            .fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Inferences measured so far, the wall time and the CPU time they took together.
+    pub fn totals(&self) -> (u64, Duration, Duration) {
+        (
+            self.count.load(Ordering::Relaxed),
+            Duration::from_nanos(self.nanos.load(Ordering::Relaxed)),
+            Duration::from_nanos(self.cpu_nanos.load(Ordering::Relaxed)),
+        )
+    }
+}
+
 /// The running pool.
 #[derive(Debug)]
 pub struct Pool {
     queue: Sender<Job>,
     jobs: Receiver<Job>,
     workers: Vec<JoinHandle<()>>,
+    meter: Arc<ServiceMeter>,
+}
+
+/// A way into the pool's queue that other tasks can hold (the offload fallback).
+///
+/// The workers stop only when every handle is gone, so a holder's queued work is served.
+#[derive(Debug, Clone)]
+pub struct LocalQueue(Sender<Job>);
+
+impl LocalQueue {
+    /// Queues a window, or gives it back when the queue is full.
+    pub fn try_submit(&self, job: Job) -> Result<(), Job> {
+        self.0.try_send(job).map_err(|e| match e {
+            TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
+        })
+    }
 }
 
 /// Reads the queue depth of a [`Pool`].
@@ -79,6 +145,7 @@ impl Pool {
         counters: Arc<Counters>,
     ) -> std::io::Result<Pool> {
         let (queue, jobs) = crossbeam_channel::bounded(capacity);
+        let meter = Arc::new(ServiceMeter::default());
         let workers = (0..workers.max(1))
             .map(|i| {
                 let jobs = jobs.clone();
@@ -86,16 +153,28 @@ impl Pool {
                 let topics = topics.clone();
                 let results = results.clone();
                 let counters = Arc::clone(&counters);
+                let meter = Arc::clone(&meter);
                 std::thread::Builder::new()
                     .name(format!("infer-{i}"))
-                    .spawn(move || work(&jobs, &models, &topics, &results, &counters))
+                    .spawn(move || work(&jobs, &models, &topics, &results, &counters, &meter))
             })
             .collect::<std::io::Result<_>>()?;
         Ok(Pool {
             queue,
             jobs,
             workers,
+            meter,
         })
+    }
+
+    /// A handle on the queue for other tasks.
+    pub fn local_queue(&self) -> LocalQueue {
+        LocalQueue(self.queue.clone())
+    }
+
+    /// The workers' inference time meter.
+    pub fn meter(&self) -> Arc<ServiceMeter> {
+        Arc::clone(&self.meter)
     }
 
     /// Queues a window, or gives it back when the queue is full.
@@ -103,6 +182,11 @@ impl Pool {
         self.queue.try_send(job).map_err(|e| match e {
             TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
         })
+    }
+
+    /// Windows waiting for a worker.
+    pub fn queue_len(&self) -> usize {
+        self.jobs.len()
     }
 
     /// A handle that reads the queue depth and does not keep the pool open.
@@ -127,10 +211,24 @@ fn work(
     topics: &Topics,
     results: &tokio::sync::mpsc::Sender<Outgoing>,
     counters: &Counters,
+    meter: &ServiceMeter,
 ) {
+    meter.refresh_quota();
+    let mut quota_read = Instant::now();
     while let Ok(job) = jobs.recv() {
         let model = &models[job.model];
-        let outputs = match model.runner.run(&job.window) {
+        let started = Instant::now();
+        if started.duration_since(quota_read) >= QUOTA_REFRESH {
+            meter.refresh_quota();
+            quota_read = started;
+        }
+        let cpu = cpu_time::ThreadTime::try_now().ok();
+        let outputs = model.runner.run(&job.window);
+        let wall = started.elapsed();
+        // Without a thread clock, CPU time is taken to equal wall time.
+        let cpu = cpu.and_then(|c| c.try_elapsed().ok()).unwrap_or(wall);
+        meter.record(wall, cpu);
+        let outputs = match outputs {
             Ok(outputs) => outputs,
             Err(e) => {
                 Counters::bump(&counters.inference_errors);
@@ -138,39 +236,62 @@ fn work(
                 continue;
             }
         };
-        let score = outputs
-            .get(model.score_index)
-            .and_then(|o| o.data.first().copied())
-            .unwrap_or(f32::NAN);
-        let result = InferenceResult {
-            id: job.id,
-            sensor: job.sensor.to_string(),
-            model: model.name.to_string(),
-            version: model.version,
-            route: Route::Local,
-            ts: job.ts,
-            latency_us: u64::try_from(job.created.elapsed().as_micros()).unwrap_or(u64::MAX),
-            score,
-            anomaly: score > model.anomaly_threshold,
-            outputs: outputs.into_iter().map(|o| (o.name, o.data)).collect(),
-        };
-        Counters::bump(&counters.inferences_ok);
-        let payload = match serde_json::to_vec(&result) {
-            Ok(p) => p,
-            Err(e) => {
-                Counters::bump(&counters.inference_errors);
-                tracing::warn!("cannot serialise a result: {e}");
-                continue;
-            }
-        };
-        let outgoing = Outgoing {
-            topic: topics.inference(&job.sensor),
-            payload,
+        let outputs = outputs.into_iter().map(|o| (o.name, o.data)).collect();
+        let Some(outgoing) = finish(
+            &job,
+            model,
+            model.version,
+            Route::Local,
+            outputs,
+            topics,
+            counters,
+        ) else {
+            continue;
         };
         if results.blocking_send(outgoing).is_err() {
             // The publisher is gone: the agent is stopping and nothing more can be sent.
             counters.inference_errors.fetch_add(1, Ordering::Relaxed);
             return;
+        }
+    }
+}
+
+/// Turns a finished window into the message that publishes its result.
+pub fn finish(
+    job: &Job,
+    model: &ServedModel,
+    version: u32,
+    route: Route,
+    outputs: std::collections::BTreeMap<String, Vec<f32>>,
+    topics: &Topics,
+    counters: &Counters,
+) -> Option<Outgoing> {
+    let score = outputs
+        .get(model.score_name.as_ref())
+        .and_then(|o| o.first().copied())
+        .unwrap_or(f32::NAN);
+    let result = InferenceResult {
+        id: job.id,
+        sensor: job.sensor.to_string(),
+        model: model.name.to_string(),
+        version,
+        route,
+        ts: job.ts,
+        latency_us: u64::try_from(job.created.elapsed().as_micros()).unwrap_or(u64::MAX),
+        score,
+        anomaly: score > model.anomaly_threshold,
+        outputs,
+    };
+    Counters::bump(&counters.inferences_ok);
+    match serde_json::to_vec(&result) {
+        Ok(payload) => Some(Outgoing {
+            topic: topics.inference(&job.sensor),
+            payload,
+        }),
+        Err(e) => {
+            Counters::bump(&counters.inference_errors);
+            tracing::warn!("cannot serialise a result: {e}");
+            None
         }
     }
 }

@@ -4,7 +4,11 @@
 //! the window length (the input's element count), the stride, and which output carries the
 //! anomaly score. A model that cannot be served is an error at start, with its name.
 
+// Loading measures the model once, as the router's first capacity estimate.
+#![allow(clippy::disallowed_methods)]
+
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use models::{LoadedModel, Runner};
@@ -24,11 +28,28 @@ pub struct ServedModel {
     pub window: usize,
     /// Samples between two inferences.
     pub stride: usize,
-    /// Index of the score output.
-    pub score_index: usize,
+    /// Name of the score output.
+    pub score_name: Arc<str>,
     /// Scores above this are anomalies.
     pub anomaly_threshold: f32,
+    /// Time one inference took at load (the median of a few warm-up runs).
+    pub probe_time: Duration,
 }
+
+/// Runs a zero window a few times: warms the model up and measures it.
+fn probe(runner: &Runner) -> Result<Duration, models::ModelError> {
+    let zeros = vec![0.0; runner.input_len()];
+    let mut times = Vec::with_capacity(PROBE_RUNS);
+    for _ in 0..PROBE_RUNS {
+        let started = Instant::now();
+        runner.run(&zeros)?;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    Ok(times[PROBE_RUNS / 2])
+}
+
+const PROBE_RUNS: usize = 5;
 
 impl ServedModel {
     /// Loads and optimises the model a config section describes.
@@ -78,14 +99,23 @@ impl ServedModel {
             (t, Some(zoo)) if t.is_infinite() => zoo.anomaly_threshold,
             (t, _) => t,
         };
+        let score_name: Arc<str> = Arc::from(
+            runner
+                .output_names()
+                .get(score_index)
+                .map_or("", String::as_str),
+        );
+        let probe_time =
+            probe(&runner).with_context(|| format!("model {name:?} fails on a zero window"))?;
         Ok(ServedModel {
             name: Arc::from(name.as_str()),
             version: section.version,
             runner,
             window,
             stride,
-            score_index,
+            score_name,
             anomaly_threshold,
+            probe_time,
         })
     }
 

@@ -65,6 +65,38 @@ counters! {
     mqtt_connects,
     /// Connections to the broker lost or refused.
     mqtt_connection_errors,
+    /// Windows kept local with nothing to do.
+    routed_local,
+    /// Windows sent remote because the forecast says the agent will saturate.
+    routed_remote_forecast,
+    /// Windows sent remote because the local queue would make them miss the SLO.
+    routed_remote_guard,
+    /// Windows sent remote because the local queue was full.
+    routed_remote_overflow,
+    /// Windows that should have gone remote but no replica was reachable.
+    local_cloud_unreachable,
+    /// Windows kept local because the cloud's latency did not fit or did not pay.
+    local_remote_too_slow,
+    /// Windows kept local because `offload.max_in_flight` requests were already out.
+    local_offload_busy,
+    /// Results computed by a replica.
+    remote_results,
+    /// Remote requests that failed (connection, stream or replica error).
+    remote_errors,
+    /// Remote requests that got no answer in time.
+    remote_timeouts,
+    /// Remote failures whose window then ran locally.
+    remote_fallbacks,
+    /// Fallbacks that waited for local room past their deadline.
+    remote_fallbacks_late,
+    /// Replicas ejected after a failure.
+    replica_ejections,
+    /// Connections to replicas established.
+    replica_connects,
+    /// Connections to replicas lost.
+    replica_disconnects,
+    /// Failed attempts to connect to a replica.
+    replica_connect_errors,
 }
 
 impl Counters {

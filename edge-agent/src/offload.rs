@@ -1,0 +1,546 @@
+//! The offload client: QUIC connections to the cloud replicas and the requests sent on them.
+//!
+//! One task per replica keeps a mutual-TLS connection open (keep-alive) and re-establishes it
+//! with doubling backoff when it drops. A window sent remote becomes one bidirectional stream:
+//! an [`InferRequest`] frame out, one frame back. The replica is chosen by power of two
+//! choices over a latency EWMA weighted by the requests already in flight; a replica that
+//! fails, errs or times out is ejected for `eject_ms`. Every remote failure falls back to the
+//! local queue inside the window's deadline, and each window is owned by exactly one place at
+//! a time (the request task, then the local queue), so no window is ever answered twice: a
+//! late remote answer after a fallback has nobody left to publish it.
+
+// The offload client is a driver: it measures latencies and deadlines with the clock.
+#![allow(clippy::disallowed_methods)]
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use protocol::edge::{ReplicaStatus, Route, Topics};
+use protocol::frame::{
+    self, Decoded, Decoder, ErrorCode, HEADER_LEN, InferRequest, Message, RequestId,
+};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::OffloadSection;
+use crate::pool::{Job, LocalQueue, Outgoing, finish};
+use crate::serving::ServedModel;
+use crate::telemetry::{Counters, LogLimiter};
+
+/// Largest response frame accepted from a replica.
+const MAX_RESPONSE: usize = 1 << 20;
+/// A request times out after this many times the replica's usual latency…
+const TIMEOUT_FACTOR: u32 = 8;
+/// …but never sooner than this (a lost packet on a lossy link costs a few RTTs).
+const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+/// A replica is ejected after this many failures in a row (a broken connection at once).
+const EJECT_AFTER: u32 = 3;
+
+/// QUIC client settings: the agent's certificate, the fleet CA as the only root, ALPN
+/// `spillway/1`, TLS 1.3, keep-alive.
+pub fn client_config(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<quinn::ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for ca in
+        CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))?
+    {
+        roots
+            .add(ca.context("the CA file is not PEM")?)
+            .context("the fleet CA certificate is not usable")?;
+    }
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{} is not a PEM certificate", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("{} is not a PEM private key", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .context("the agent certificate does not match its key")?;
+    tls.alpn_protocols = vec![frame::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    transport.max_idle_timeout(Some(Duration::from_secs(5).try_into()?));
+    // BBR paces by measured bandwidth and RTT instead of halving on every loss, so a lossy
+    // uplink keeps its throughput.
+    transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Sends one request on `conn` and reads the one-frame answer.
+pub async fn exchange(conn: &quinn::Connection, request: &Message) -> anyhow::Result<Message> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&frame::encode(request)).await?;
+    send.finish()?;
+    let bytes = recv.read_to_end(HEADER_LEN + MAX_RESPONSE).await?;
+    match Decoder::new(MAX_RESPONSE).decode(&bytes)? {
+        Decoded::Frame { message, consumed } if consumed == bytes.len() => Ok(message),
+        Decoded::Frame { .. } => anyhow::bail!("bytes after the response frame"),
+        Decoded::NeedMore(_) => anyhow::bail!("truncated response frame"),
+    }
+}
+
+/// One replica as the agent sees it.
+#[derive(Debug)]
+struct Slot {
+    endpoint: String,
+    conn: Mutex<Option<quinn::Connection>>,
+    /// Smoothed request latency, µs; 0 until measured.
+    ewma_us: AtomicU64,
+    in_flight: AtomicU32,
+    ejected_until: Mutex<Option<Instant>>,
+    /// Failures since the last success.
+    failures: AtomicU32,
+}
+
+impl Slot {
+    fn connection(&self) -> Option<quinn::Connection> {
+        self.conn.lock().ok()?.clone()
+    }
+
+    fn available(&self, now: Instant) -> bool {
+        let ejected = self
+            .ejected_until
+            .lock()
+            .ok()
+            .and_then(|e| *e)
+            .is_some_and(|until| now < until);
+        !ejected && self.connection().is_some()
+    }
+
+    /// Expected latency of one request, alone: the measured EWMA, never below the
+    /// transport's current RTT (which keep-alives refresh even when no request runs).
+    fn latency(&self) -> Duration {
+        let ewma = Duration::from_micros(self.ewma_us.load(Ordering::Relaxed));
+        match self.connection() {
+            Some(conn) if ewma.is_zero() => conn.rtt() + Duration::from_millis(1),
+            Some(conn) => ewma.max(conn.rtt()),
+            None => ewma,
+        }
+    }
+
+    /// Load-weighted cost for choosing between replicas (latency × (requests out + 1)).
+    fn expected(&self) -> Duration {
+        self.latency() * (self.in_flight.load(Ordering::Relaxed) + 1)
+    }
+
+    fn observe(&self, took: Duration) {
+        let x = took.as_micros().max(1) as u64;
+        let old = self.ewma_us.load(Ordering::Relaxed);
+        let new = if old == 0 { x } else { (old * 7 + x) / 8 };
+        self.ewma_us.store(new, Ordering::Relaxed);
+    }
+
+    fn eject(&self, until: Instant) {
+        if let Ok(mut e) = self.ejected_until.lock() {
+            *e = Some(until);
+        }
+    }
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    slots: Vec<Slot>,
+    models: Arc<[ServedModel]>,
+    topics: Topics,
+    results: tokio::sync::mpsc::Sender<Outgoing>,
+    local: LocalQueue,
+    counters: Arc<Counters>,
+    in_flight: AtomicUsize,
+    max_in_flight: usize,
+    eject: Duration,
+    rng: AtomicU64,
+    limiter: Mutex<LogLimiter>,
+}
+
+/// The running offload client.
+pub struct Offload {
+    inner: Arc<Inner>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Offload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offload")
+            .field("replicas", &self.inner.slots.len())
+            .finish()
+    }
+}
+
+impl Offload {
+    /// Starts connecting to every replica in `config`.
+    pub fn start(
+        config: &OffloadSection,
+        models: Arc<[ServedModel]>,
+        topics: Topics,
+        results: tokio::sync::mpsc::Sender<Outgoing>,
+        local: LocalQueue,
+        counters: Arc<Counters>,
+    ) -> anyhow::Result<Offload> {
+        let (Some(ca), Some(cert), Some(key)) = (&config.ca_cert, &config.cert, &config.key) else {
+            anyhow::bail!("offload needs ca_cert, cert and key");
+        };
+        let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+        endpoint.set_default_client_config(client_config(ca, cert, key)?);
+        let slots = config
+            .replicas
+            .iter()
+            .map(|r| Slot {
+                endpoint: r.clone(),
+                conn: Mutex::new(None),
+                ewma_us: AtomicU64::new(0),
+                in_flight: AtomicU32::new(0),
+                ejected_until: Mutex::new(None),
+                failures: AtomicU32::new(0),
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            endpoint,
+            slots,
+            models,
+            topics,
+            results,
+            local,
+            counters,
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: config.max_in_flight,
+            eject: Duration::from_millis(config.eject_ms),
+            rng: AtomicU64::new(0x5eed),
+            limiter: Mutex::new(LogLimiter::new(Duration::from_secs(5))),
+        });
+        let offload = Offload {
+            inner,
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        };
+        for index in 0..offload.inner.slots.len() {
+            offload.tasks.spawn(keep_connected(
+                Arc::clone(&offload.inner),
+                index,
+                config.server_name.clone(),
+                Duration::from_millis(config.connect_timeout_ms),
+                Duration::from_millis(config.reconnect_min_ms),
+                Duration::from_millis(config.reconnect_max_ms),
+                offload.stop.clone(),
+            ));
+        }
+        Ok(offload)
+    }
+
+    /// The expected latency of the best available replica, `None` when none is available.
+    pub fn estimate(&self, now: Instant) -> Option<Duration> {
+        self.inner
+            .slots
+            .iter()
+            .filter(|s| s.available(now))
+            .map(Slot::latency)
+            .min()
+    }
+
+    /// Sends `job` to a replica, or gives it back when no replica is available or too many
+    /// requests are out. `deadline`: when the window's result is due; `reserve`: time kept
+    /// back for a local fallback.
+    pub fn try_send(&self, job: Job, deadline: Instant, reserve: Duration) -> Result<(), Job> {
+        let inner = &self.inner;
+        let now = Instant::now();
+        if inner.in_flight.load(Ordering::Relaxed) >= inner.max_in_flight {
+            return Err(job);
+        }
+        let Some(slot) = self.pick(now) else {
+            return Err(job);
+        };
+        inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        inner.slots[slot].in_flight.fetch_add(1, Ordering::Relaxed);
+        let inner = Arc::clone(inner);
+        self.tasks.spawn(async move {
+            request(&inner, slot, job, deadline, reserve).await;
+            inner.slots[slot].in_flight.fetch_sub(1, Ordering::Relaxed);
+            inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(())
+    }
+
+    /// Power of two choices: two random available replicas, the one expected sooner wins.
+    fn pick(&self, now: Instant) -> Option<usize> {
+        let available: Vec<usize> = (0..self.inner.slots.len())
+            .filter(|&i| self.inner.slots[i].available(now))
+            .collect();
+        match available.len() {
+            0 => None,
+            1 => Some(available[0]),
+            n => {
+                let r = splitmix(self.inner.rng.fetch_add(1, Ordering::Relaxed));
+                let a = available[(r % n as u64) as usize];
+                let mut b = available[((r >> 32) % (n as u64 - 1)) as usize];
+                if b == a {
+                    b = available[n - 1];
+                }
+                let slots = &self.inner.slots;
+                Some(if slots[b].expected() < slots[a].expected() {
+                    b
+                } else {
+                    a
+                })
+            }
+        }
+    }
+
+    /// Requests at the replicas now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Every replica's state.
+    pub fn slots(&self) -> Vec<ReplicaStatus> {
+        let now = Instant::now();
+        self.inner
+            .slots
+            .iter()
+            .map(|s| ReplicaStatus {
+                endpoint: s.endpoint.clone(),
+                connected: s.connection().is_some(),
+                ejected: s.connection().is_some() && !s.available(now),
+                latency_us: s.ewma_us.load(Ordering::Relaxed),
+                in_flight: s.in_flight.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Lets the requests out finish (they end by their deadlines), closes the connections.
+    pub async fn close(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.inner.endpoint.close(0u32.into(), b"agent stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+}
+
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+async fn keep_connected(
+    inner: Arc<Inner>,
+    index: usize,
+    server_name: String,
+    timeout: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    stop: CancellationToken,
+) {
+    let slot = &inner.slots[index];
+    let mut backoff = backoff_min;
+    loop {
+        let attempt = async {
+            let addr = slot
+                .endpoint
+                .to_socket_addrs()?
+                .next()
+                .context("the name resolves to no address")?;
+            let conn = tokio::time::timeout(timeout, inner.endpoint.connect(addr, &server_name)?)
+                .await
+                .context("handshake timed out")??;
+            anyhow::Ok(conn)
+        };
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            result = attempt => result,
+        };
+        match result {
+            Ok(conn) => {
+                Counters::bump(&inner.counters.replica_connects);
+                tracing::info!(replica = %slot.endpoint, "replica connected");
+                backoff = backoff_min;
+                if let Ok(mut c) = slot.conn.lock() {
+                    *c = Some(conn.clone());
+                }
+                let reason = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    reason = conn.closed() => reason,
+                };
+                if let Ok(mut c) = slot.conn.lock() {
+                    *c = None;
+                }
+                Counters::bump(&inner.counters.replica_disconnects);
+                tracing::warn!(replica = %slot.endpoint, "replica connection lost: {reason}");
+            }
+            Err(e) => {
+                Counters::bump(&inner.counters.replica_connect_errors);
+                let allowed = inner
+                    .limiter
+                    .lock()
+                    .ok()
+                    .and_then(|mut l| l.allow("replica connect", Instant::now()));
+                if let Some(suppressed) = allowed {
+                    tracing::warn!(replica = %slot.endpoint, suppressed, retry_in_ms = backoff.as_millis() as u64, "cannot reach replica: {e:#}");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(backoff_max);
+    }
+}
+
+/// How a remote attempt ended, when it did not produce a result.
+enum Failure {
+    /// No answer in time.
+    Timeout,
+    /// The replica answered with an error.
+    Refused(ErrorCode, String),
+    /// The connection or the stream broke, or the answer was not a response.
+    Broken(String),
+}
+
+async fn request(inner: &Inner, index: usize, job: Job, deadline: Instant, reserve: Duration) {
+    let slot = &inner.slots[index];
+    let model = &inner.models[job.model];
+    let started = Instant::now();
+    let budget = deadline
+        .saturating_duration_since(started)
+        .saturating_sub(reserve)
+        .max(Duration::from_millis(1));
+    // A replica that usually answers in 2 ms and has not answered in 40 is stalled: give up
+    // on it long before the deadline.
+    let patience = (slot.latency() * TIMEOUT_FACTOR)
+        .max(MIN_TIMEOUT)
+        .min(budget);
+    let conn = slot.connection();
+    let heard_before = conn.as_ref().map(|c| c.stats().udp_rx.datagrams);
+    let outcome = match &conn {
+        None => Err(Failure::Broken("not connected".into())),
+        Some(conn) => {
+            let message = Message::InferRequest(InferRequest {
+                id: RequestId(job.id),
+                model: model.name.to_string(),
+                shape: model
+                    .runner
+                    .input_shape()
+                    .iter()
+                    .map(|&d| d as u32)
+                    .collect(),
+                data: job.window.clone(),
+                deadline_ms: u32::try_from(budget.as_millis()).unwrap_or(u32::MAX),
+            });
+            match tokio::time::timeout(patience, exchange(conn, &message)).await {
+                Err(_) => Err(Failure::Timeout),
+                Ok(Err(e)) => Err(Failure::Broken(format!("{e:#}"))),
+                Ok(Ok(Message::InferResponse(r))) if r.id.0 == job.id => Ok(r),
+                Ok(Ok(Message::Error(e))) => Err(Failure::Refused(e.code, e.message)),
+                Ok(Ok(other)) => Err(Failure::Broken(format!("unexpected answer {other:?}"))),
+            }
+        }
+    };
+    let counters = &inner.counters;
+    match outcome {
+        Ok(response) => {
+            slot.observe(started.elapsed());
+            slot.failures.store(0, Ordering::Relaxed);
+            Counters::bump(&counters.remote_results);
+            let outputs = response
+                .outputs
+                .into_iter()
+                .map(|t| (t.name, t.data))
+                .collect();
+            let version = response.model_version;
+            if let Some(out) = finish(
+                &job,
+                model,
+                version,
+                Route::Remote,
+                outputs,
+                &inner.topics,
+                counters,
+            ) && inner.results.send(out).await.is_err()
+            {
+                Counters::bump(&counters.inference_errors);
+            }
+        }
+        Err(failure) => {
+            let failures = slot.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            let (what, eject) = match &failure {
+                Failure::Timeout => {
+                    // At least this slow: the estimate must not stay optimistic, so a slow
+                    // path makes the router stand down by itself.
+                    slot.observe(patience);
+                    Counters::bump(&counters.remote_timeouts);
+                    // A replica that sent not a single datagram (not even an ACK) while we
+                    // waited is stalled; one that did is on a slow path, which is no reason
+                    // to eject it.
+                    let heard_after = conn.as_ref().map(|c| c.stats().udp_rx.datagrams);
+                    let silent = heard_after == heard_before;
+                    (
+                        format!("no answer in {patience:?} (silent: {silent})"),
+                        silent,
+                    )
+                }
+                Failure::Refused(code, message) => {
+                    Counters::bump(&counters.remote_errors);
+                    // A replica that ran out of time is busy, not broken.
+                    let eject = *code != ErrorCode::DeadlineExceeded && failures >= EJECT_AFTER;
+                    (format!("{code:?}: {message}"), eject)
+                }
+                Failure::Broken(e) => {
+                    Counters::bump(&counters.remote_errors);
+                    (e.clone(), true)
+                }
+            };
+            if eject {
+                slot.failures.store(0, Ordering::Relaxed);
+                slot.eject(Instant::now() + inner.eject);
+                Counters::bump(&counters.replica_ejections);
+            }
+            let allowed = inner
+                .limiter
+                .lock()
+                .ok()
+                .and_then(|mut l| l.allow("remote failure", Instant::now()));
+            if let Some(suppressed) = allowed {
+                tracing::warn!(replica = %slot.endpoint, suppressed, ejected = eject, "remote inference failed, running it locally: {what}");
+            }
+            fall_back(inner, job, deadline).await;
+        }
+    }
+}
+
+/// Puts a window the cloud did not serve into the local queue, waiting for room if it must.
+///
+/// A fallback is never shed: the number waiting here is bounded by `max_in_flight`, and a
+/// late answer is better than none. One that has to wait past its deadline is counted.
+async fn fall_back(inner: &Inner, mut job: Job, deadline: Instant) {
+    Counters::bump(&inner.counters.remote_fallbacks);
+    let mut late = false;
+    loop {
+        match inner.local.try_submit(job) {
+            Ok(()) => return,
+            Err(back) => job = back,
+        }
+        if !late && Instant::now() >= deadline {
+            late = true;
+            Counters::bump(&inner.counters.remote_fallbacks_late);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}

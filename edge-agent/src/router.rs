@@ -1,0 +1,165 @@
+//! The router: every completed window goes local, remote, or (when both are full) is shed.
+//!
+//! [`Router`] joins the pure decision of [`models::offload::OffloadPolicy`] to the agent's
+//! two ways of serving a window: the local [`Pool`] and the [`Offload`] client. It feeds the
+//! policy what it measures — arrivals, the workers' inference times, the queue depth, the
+//! replicas' latency — and counts every decision under its reason, so the status message can
+//! explain where work went and why. Without an offload client every window goes local.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use models::offload::{Mode, OffloadPolicy, Reason, Route, Settings};
+use protocol::edge::OffloadStatus;
+
+use crate::config::AgentConfig;
+use crate::offload::Offload;
+use crate::pool::{Job, Pool, ServiceMeter};
+use crate::telemetry::Counters;
+
+/// Routes windows for one agent.
+#[derive(Debug)]
+pub struct Router {
+    policy: OffloadPolicy,
+    offload: Option<Offload>,
+    meter: Arc<ServiceMeter>,
+    measured: (u64, Duration, Duration),
+    slo: Duration,
+    counters: Arc<Counters>,
+}
+
+impl Router {
+    /// A router for `config`; `initial_service` is the models' measured inference time.
+    pub fn new(
+        config: &AgentConfig,
+        workers: usize,
+        initial_service: Duration,
+        offload: Option<Offload>,
+        meter: Arc<ServiceMeter>,
+        counters: Arc<Counters>,
+    ) -> Self {
+        let o = &config.offload;
+        let mode = if offload.is_some() {
+            config.offload_mode()
+        } else {
+            Mode::Off
+        };
+        let settings = Settings {
+            mode,
+            workers,
+            slo: Duration::from_millis(o.slo_ms),
+            tick: Duration::from_millis(o.tick_ms),
+            horizon: Duration::from_millis(o.horizon_ms),
+            rho_max: o.rho_max,
+            rho_target: o.rho_target,
+            rho_exit: o.rho_exit,
+            guard_share: o.guard_share,
+            initial_service,
+        };
+        Router {
+            slo: settings.slo,
+            policy: OffloadPolicy::new(settings),
+            offload,
+            meter,
+            measured: (0, Duration::ZERO, Duration::ZERO),
+            counters,
+        }
+    }
+
+    /// Routes one window completed at `now`; gives it back when it must be shed.
+    pub fn submit(&mut self, job: Job, pool: &Pool, now: Instant) -> Result<(), Job> {
+        self.policy.arrival(now);
+        self.pull_service();
+        let Some(offload) = &self.offload else {
+            Counters::bump(&self.counters.routed_local);
+            return pool.try_submit(job);
+        };
+        let deadline = job.created + self.slo;
+        let slack = deadline.saturating_duration_since(now);
+        let estimate = offload.estimate(now);
+        let queued = pool.queue_len();
+        // Keep back enough time to run the window locally should the cloud fail: the wait
+        // behind today's queue plus its own service, twice over for safety.
+        let snapshot = self.policy.snapshot();
+        let waiting = Duration::from_secs_f64(queued as f64 / snapshot.capacity.max(1e-3));
+        let reserve = ((snapshot.service_time + waiting) * 2).min(slack / 2);
+        let c = &self.counters;
+        let job = match self.policy.route(queued, slack, estimate) {
+            Route::Remote(reason) => match offload.try_send(job, deadline, reserve) {
+                Ok(()) => {
+                    Counters::bump(if reason == Reason::Forecast {
+                        &c.routed_remote_forecast
+                    } else {
+                        &c.routed_remote_guard
+                    });
+                    return Ok(());
+                }
+                Err(job) => {
+                    Counters::bump(&c.local_offload_busy);
+                    job
+                }
+            },
+            Route::Local(reason) => {
+                Counters::bump(match reason {
+                    Reason::CloudUnreachable => &c.local_cloud_unreachable,
+                    Reason::RemoteTooSlow => &c.local_remote_too_slow,
+                    _ => &c.routed_local,
+                });
+                job
+            }
+        };
+        match pool.try_submit(job) {
+            Ok(()) => Ok(()),
+            // The local queue is full: the cloud is the last place before shedding.
+            Err(job) if estimate.is_some_and(|e| e < slack) => {
+                offload.try_send(job, deadline, reserve)?;
+                Counters::bump(&c.routed_remote_overflow);
+                Ok(())
+            }
+            Err(job) => Err(job),
+        }
+    }
+
+    /// Brings the forecast up to `now` without an arrival (so idleness is seen).
+    pub fn advance(&mut self, now: Instant) {
+        self.policy.advance(now);
+        self.pull_service();
+    }
+
+    fn pull_service(&mut self) {
+        self.policy.set_cpu_limit(self.meter.cpu_limit());
+        let (count, wall, cpu) = self.meter.totals();
+        let (seen_count, seen_wall, seen_cpu) = self.measured;
+        if count > seen_count {
+            self.policy.record_service(
+                wall.saturating_sub(seen_wall),
+                cpu.saturating_sub(seen_cpu),
+                count - seen_count,
+            );
+            self.measured = (count, wall, cpu);
+        }
+    }
+
+    /// The router's state for the status message; `None` when offload is not configured.
+    pub fn status(&self) -> Option<OffloadStatus> {
+        let offload = self.offload.as_ref()?;
+        let s = self.policy.snapshot();
+        Some(OffloadStatus {
+            mode: self.policy.settings().mode.name().into(),
+            arrival_rate: s.arrival_rate,
+            forecast: s.forecast,
+            capacity: s.capacity,
+            service_time_us: s.service_time.as_micros() as u64,
+            cpu_limit: s.cpu_limit,
+            spill_fraction: s.fraction,
+            spilling: s.spilling,
+            in_flight: offload.in_flight(),
+            replicas: offload.slots(),
+        })
+    }
+
+    /// Takes the offload client out, to close it before the pool.
+    pub fn take_offload(&mut self) -> Option<Offload> {
+        self.offload.take()
+    }
+}
