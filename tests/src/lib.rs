@@ -17,6 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod fleet;
+
 use anyhow::{Context, bail};
 use protocol::edge::{InferenceResult, Status};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -260,6 +262,10 @@ impl Drop for Agent {
 pub struct Collected {
     /// Results, in arrival order.
     pub results: Vec<InferenceResult>,
+    /// When each result arrived (Unix seconds), parallel to `results`.
+    pub received: Vec<f64>,
+    /// Connection errors of the listening client (each may lose messages in flight).
+    pub errors: Vec<String>,
     /// Payloads on inference topics that did not parse.
     pub unparsable: usize,
     /// The last status message (None until one arrives).
@@ -313,13 +319,21 @@ impl Listener {
                             }
                         } else {
                             match serde_json::from_slice::<InferenceResult>(&p.payload) {
-                                Ok(r) => c.results.push(r),
+                                Ok(r) => {
+                                    c.results.push(r);
+                                    c.received.push(fleet::unix_now());
+                                }
                                 Err(_) => c.unparsable += 1,
                             }
                         }
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => {
+                        if let Ok(mut c) = sink.lock() {
+                            c.errors.push(e.to_string());
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
             }
         });

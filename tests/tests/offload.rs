@@ -1,0 +1,334 @@
+//! Offload end to end: mosquitto, the `edge-agent` process with its inference thread held to
+//! a slow gateway's CPU share, `cloud-hub replica` processes, real QUIC with mutual TLS.
+//!
+//! These tests need root (a cgroup limits the agent's inference thread); without it they
+//! print why and pass without running.
+
+use std::time::Duration;
+
+use spillway_tests::fleet::{Certs, Gateway, ReplicaProcess, Report, Rig, Shaping, UdpRelay};
+use spillway_tests::require_mosquitto;
+
+/// The agent's inference thread gets this share of one core.
+const CPU_SHARE: f64 = 0.1;
+const SLO: Duration = Duration::from_millis(500);
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+/// The tests share two cores: one burst at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Starts a rig, or prints why it cannot and returns `None`.
+fn rig(name: &str, replicas: usize) -> anyhow::Result<Option<Rig>> {
+    let Some(mosquitto) = require_mosquitto() else {
+        return Ok(None);
+    };
+    match Rig::start(&mosquitto, name, replicas, CPU_SHARE)? {
+        Ok(rig) => Ok(Some(rig)),
+        Err(reason) => {
+            eprintln!("skipped: a slow gateway cannot be made here: {reason}");
+            Ok(None)
+        }
+    }
+}
+
+fn assert_every_window_answered_once(report: &Report, gateway: &Gateway) {
+    assert_eq!(
+        report.missing,
+        0,
+        "{} of {} windows got no result; listener errors {:?}; counters {:?}; agent log:\n{}",
+        report.missing,
+        report.sent,
+        gateway.listener.with(|c| c.errors.clone()),
+        gateway.counters(),
+        gateway.agent.log()
+    );
+    assert_eq!(report.duplicates, 0, "windows answered twice");
+    assert_eq!(report.wrong, 0, "scores differ from onnxruntime's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_spills_to_two_replicas_and_stops_after_it() -> anyhow::Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(rig) = rig("burst", 2)? else {
+        return Ok(());
+    };
+    let offload = rig
+        .certs
+        .offload_section("predictive", &rig.replica_addrs(), "");
+    let gw = rig.gateway("gw-burst", &offload).await?;
+    let (mu, warm) = gw.calibrate(100.0, secs(3.0)).await?;
+    eprintln!("local capacity {mu:.0} windows/s");
+    assert!(mu > 20.0, "implausible capacity {mu}");
+    let mut sent = warm;
+    sent.extend(
+        gw.drive(&[
+            (0.5 * mu, secs(2.0)),
+            (3.0 * mu, secs(6.0)),
+            (0.5 * mu, secs(3.0)),
+        ])
+        .await?,
+    );
+    // Back at half the capacity: after a short hysteresis, nothing more goes remote.
+    tokio::time::sleep(secs(1.5)).await;
+    let settled = gw.counters();
+    sent.extend(gw.drive(&[(0.5 * mu, secs(4.0))]).await?);
+    let report = gw.collect(&sent, secs(60.0)).await;
+    assert_every_window_answered_once(&report, &gw);
+    eprintln!(
+        "{} windows, {} remote, p50 {:.1} ms, p99 {:.1} ms",
+        report.sent,
+        report.remote,
+        report.quantile(0.5) * 1e3,
+        report.quantile(0.99) * 1e3
+    );
+    assert!(
+        report.remote as f64 > 0.3 * report.sent as f64,
+        "a 3× burst should send well over a third remote; got {} of {}",
+        report.remote,
+        report.sent
+    );
+    // After the burst the offload stands down.
+    tokio::time::sleep(secs(1.5)).await;
+    let end = gw.counters();
+    let remote = |c: &std::collections::BTreeMap<String, u64>| {
+        c["routed_remote_forecast"] + c["routed_remote_guard"] + c["routed_remote_overflow"]
+    };
+    assert_eq!(
+        remote(&end),
+        remote(&settled),
+        "still offloading after the burst: {end:?}"
+    );
+    let status = gw
+        .listener
+        .wait_until(secs(5.0), |c| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.offload.as_ref())
+                .is_some_and(|o| !o.spilling)
+        })
+        .await;
+    assert!(status, "the status still says spilling");
+    let counters = gw.counters();
+    assert!(counters["routed_remote_forecast"] > 0, "{counters:?}");
+    assert_eq!(counters["windows_shed"], 0, "{counters:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_burst_costs_no_window() -> anyhow::Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(mut rig) = rig("kill", 2)? else {
+        return Ok(());
+    };
+    let offload = rig
+        .certs
+        .offload_section("predictive", &rig.replica_addrs(), "");
+    let gw = rig.gateway("gw-kill", &offload).await?;
+    let (mu, mut sent) = gw.calibrate(100.0, secs(3.0)).await?;
+    sent.extend(gw.drive(&[(3.0 * mu, secs(3.0))]).await?);
+    rig.replicas[0].kill();
+    sent.extend(
+        gw.drive(&[(3.0 * mu, secs(4.0)), (0.5 * mu, secs(3.0))])
+            .await?,
+    );
+    let report = gw.collect(&sent, secs(60.0)).await;
+    assert_every_window_answered_once(&report, &gw);
+    assert!(report.remote > 0);
+    let counters = gw.counters();
+    assert_eq!(counters["windows_shed"], 0, "{counters:?}");
+    assert!(
+        counters["replica_disconnects"] + counters["replica_ejections"] > 0,
+        "{counters:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_replica_is_ejected_and_its_work_falls_back_in_time() -> anyhow::Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(rig) = rig("stall", 2)? else {
+        return Ok(());
+    };
+    let offload = rig
+        .certs
+        .offload_section("predictive", &rig.replica_addrs(), "");
+    let gw = rig.gateway("gw-stall", &offload).await?;
+    let (mu, mut sent) = gw.calibrate(100.0, secs(3.0)).await?;
+    sent.extend(gw.drive(&[(3.0 * mu, secs(3.0))]).await?);
+    rig.replicas[0].stall()?;
+    sent.extend(
+        gw.drive(&[(3.0 * mu, secs(4.0)), (0.5 * mu, secs(3.0))])
+            .await?,
+    );
+    let report = gw.collect(&sent, secs(60.0)).await;
+    rig.replicas[0].resume()?;
+    assert_every_window_answered_once(&report, &gw);
+    let counters = gw.counters();
+    assert!(counters["remote_timeouts"] > 0, "{counters:?}");
+    assert!(counters["replica_ejections"] > 0, "{counters:?}");
+    assert_eq!(counters["windows_shed"], 0, "{counters:?}");
+    eprintln!(
+        "stall: p99 {:.0} ms, over SLO {:.2} %",
+        report.quantile(0.99) * 1e3,
+        report.over(SLO) * 100.0
+    );
+    assert!(
+        report.over(SLO) < 0.05,
+        "fallbacks should land inside the deadline: {:.1} % over {SLO:?}",
+        report.over(SLO) * 100.0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offload_works_through_a_slow_lossy_link_and_stands_down_when_it_stops_paying()
+-> anyhow::Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(rig) = rig("relay", 2)? else {
+        return Ok(());
+    };
+    let lossy = Shaping {
+        delay_min: Duration::from_millis(10),
+        delay_max: Duration::from_millis(25),
+        loss: std::env::var("RELAY_LOSS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.01),
+    };
+    let mut relays = Vec::new();
+    for addr in rig.replica_addrs() {
+        relays.push(UdpRelay::start(addr, lossy).await?);
+    }
+    let addrs: Vec<_> = relays.iter().map(UdpRelay::addr).collect();
+    let offload = rig.certs.offload_section("predictive", &addrs, "");
+    let gw = rig.gateway("gw-relay", &offload).await?;
+    let (mu, mut sent) = gw.calibrate(100.0, secs(3.0)).await?;
+    sent.extend(
+        gw.drive(&[(3.0 * mu, secs(5.0)), (0.5 * mu, secs(3.0))])
+            .await?,
+    );
+    let report = gw.collect(&sent, secs(60.0)).await;
+    assert_every_window_answered_once(&report, &gw);
+    eprintln!(
+        "lossy link: {} of {} remote, p50 {:.0} ms, p99 {:.0} ms, {:.1} % over the SLO",
+        report.remote,
+        report.sent,
+        report.quantile(0.5) * 1e3,
+        report.quantile(0.99) * 1e3,
+        report.over(SLO) * 100.0
+    );
+    assert!(
+        report.remote > 0,
+        "no window went remote over a 20–50 ms, 1 % loss link: {:?}",
+        gw.counters()
+    );
+    assert_eq!(gw.counters()["windows_shed"], 0);
+
+    // Now the link is slower than the SLO: the cloud no longer pays, and work stays local.
+    for relay in &relays {
+        relay.set(Shaping {
+            delay_min: Duration::from_millis(400),
+            delay_max: Duration::from_millis(450),
+            loss: 0.0,
+        });
+    }
+    tokio::time::sleep(secs(4.0)).await;
+    let before = gw.counters();
+    let sent = gw
+        .drive(&[(1.5 * mu, secs(4.0)), (0.3 * mu, secs(3.0))])
+        .await?;
+    let report = gw.collect(&sent, secs(60.0)).await;
+    let after = gw.counters();
+    assert_eq!(report.duplicates, 0);
+    assert_eq!(report.wrong, 0);
+    let delta = |k: &str| after[k] - before[k];
+    assert!(delta("local_remote_too_slow") > 0, "{after:?}");
+    assert!(
+        delta("remote_results") < report.sent as u64 / 20,
+        "still offloading over a link slower than the SLO: {} remote",
+        delta("remote_results")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_a_fleet_certificate_are_refused() -> anyhow::Result<()> {
+    use protocol::frame::Message;
+    let certs = Certs::new()?;
+    let replica = ReplicaProcess::start(&certs, "vibration-ae", 1, &[])?;
+    let addr = replica.addr();
+    let query = |config: quinn::ClientConfig| async move {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(config);
+        let conn = tokio::time::timeout(secs(5.0), endpoint.connect(addr, "localhost")?).await??;
+        let answer = tokio::time::timeout(
+            secs(5.0),
+            edge_agent::offload::exchange(&conn, &Message::LoadQuery),
+        )
+        .await??;
+        anyhow::Ok(answer)
+    };
+
+    // A fleet member is served.
+    let good = edge_agent::offload::client_config(
+        &certs.path("ca.pem"),
+        &certs.path("agent.pem"),
+        &certs.path("agent.key"),
+    )?;
+    match query(good).await? {
+        Message::Load(load) => assert_eq!(load.model, "vibration-ae"),
+        other => panic!("expected a load report, got {other:?}"),
+    }
+
+    // A certificate from another CA (that trusts our replica's CA) is refused.
+    let foreign = Certs::new()?;
+    let forged = edge_agent::offload::client_config(
+        &certs.path("ca.pem"),
+        &foreign.path("agent.pem"),
+        &foreign.path("agent.key"),
+    )?;
+    assert!(
+        query(forged).await.is_err(),
+        "a foreign certificate was accepted"
+    );
+
+    // No certificate at all is refused.
+    let mut roots = rustls::RootCertStore::empty();
+    {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        for ca in CertificateDer::pem_file_iter(certs.path("ca.pem"))? {
+            roots.add(ca?)?;
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![protocol::frame::ALPN.to_vec()];
+    let anonymous = quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    ));
+    assert!(
+        query(anonymous).await.is_err(),
+        "a client without a certificate was accepted"
+    );
+
+    // And an agent that does not trust the replica's CA refuses the replica.
+    let distrustful = edge_agent::offload::client_config(
+        &foreign.path("ca.pem"),
+        &certs.path("agent.pem"),
+        &certs.path("agent.key"),
+    )?;
+    assert!(
+        query(distrustful).await.is_err(),
+        "a replica from another CA was trusted"
+    );
+    let log = replica.log();
+    assert!(log.contains("handshake failed"), "replica log:\n{log}");
+    Ok(())
+}
