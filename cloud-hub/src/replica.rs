@@ -1,7 +1,7 @@
 //! The replica server: one model behind QUIC, one bidirectional stream per request.
 //!
-//! A client opens a stream, writes one frame ([`Message::InferRequest`] or
-//! [`Message::LoadQuery`]) and finishes its side; the replica answers with one frame and
+//! A client opens a stream, writes one frame ([`Message::InferRequest`], [`Message::LoadQuery`]
+//! or [`Message::Echo`], which measures the transport alone) and finishes its side; the replica answers with one frame and
 //! finishes. Requests go through a bounded queue to a fixed set of inference threads (the
 //! same [`models::Runner`] the agents use): a full queue answers `Overloaded` at once, and a
 //! request whose deadline passed while it waited is dropped unrun and answered
@@ -337,6 +337,7 @@ async fn dispatch(message: Message, ctx: &Ctx) -> Message {
     let request = match message {
         Message::InferRequest(request) => request,
         Message::LoadQuery => return Message::Load(load(ctx)),
+        Message::Echo(values) => return Message::Echo(values),
         other => return bad(ctx, None, format!("unexpected {}", kind(&other))),
     };
     let served = &ctx.served;
@@ -394,6 +395,7 @@ fn kind(message: &Message) -> &'static str {
         Message::Heartbeat(_) => "Heartbeat",
         Message::LoadQuery => "LoadQuery",
         Message::Load(_) => "Load",
+        Message::Echo(_) => "Echo",
     }
 }
 

@@ -174,6 +174,8 @@ pub enum Message {
     LoadQuery,
     /// A replica's load.
     Load(ReplicaLoad),
+    /// Answer with the same values, nothing run (measures the transport alone).
+    Echo(Vec<f32>),
 }
 
 /// Why bytes could not be read as a frame.
@@ -332,6 +334,7 @@ mod tests {
                     })
                 }),
             Just(Message::LoadQuery),
+            prop::collection::vec(finite(), 0..64).prop_map(Message::Echo),
             (any::<u32>(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(f, q, t, n)| {
                 Message::Load(ReplicaLoad {
                     model: "bearing-cnn".into(),

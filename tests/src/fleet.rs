@@ -695,8 +695,15 @@ impl Gateway {
                 .filter(|r| keys.contains_key(&(r.sensor.clone(), ticks(r.ts))))
                 .count()
         };
+        // Done when every window is answered or counted as shed by the agent.
+        let shed = |c: &crate::Collected| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.counters.get("windows_shed").copied())
+                .unwrap_or(0) as usize
+        };
         self.listener
-            .wait_until(limit, |c| answered(c) >= keys.len())
+            .wait_until(limit, |c| answered(c) + shed(c) >= keys.len())
             .await;
         // Give duplicates, if any, a moment to show up.
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -221,8 +221,16 @@ async fn offload_works_through_a_slow_lossy_link_and_stands_down_when_it_stops_p
         report.over(SLO) * 100.0
     );
     assert!(
-        report.remote > 0,
-        "no window went remote over a 20–50 ms, 1 % loss link: {:?}",
+        report.remote as f64 > 0.3 * report.sent as f64,
+        "offload should carry the burst over a 20–50 ms, 3 % loss link: {} of {}; {:?}",
+        report.remote,
+        report.sent,
+        gw.counters()
+    );
+    assert!(
+        report.over(SLO) < 0.05,
+        "{:.1} % over the SLO; counters {:?}",
+        report.over(SLO) * 100.0,
         gw.counters()
     );
     assert_eq!(gw.counters()["windows_shed"], 0);
