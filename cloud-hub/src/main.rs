@@ -278,7 +278,11 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<()> {
             key: args.key,
         },
     };
-    let runtime = tokio::runtime::Runtime::new()?;
+    // One thread moves the packets; inference has threads of its own. Fewer cross-thread
+    // wake-ups per request than a multi-threaded runtime.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let replica = Replica::bind(&config)?;
         let addr = replica.local_addr()?;
