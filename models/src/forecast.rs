@@ -111,11 +111,13 @@ impl Forecaster for Ses {
     }
 }
 
-/// Holt's linear method: level and trend.
+/// Holt's linear method: level and trend, optionally with a damped trend.
 #[derive(Debug, Clone)]
 pub struct Holt {
     alpha: f64,
     beta: f64,
+    /// Trend damping φ (Gardner & McKenzie); 1 is the undamped method.
+    phi: f64,
     state: Option<(f64, f64)>,
     damped_floor: bool,
 }
@@ -123,9 +125,16 @@ pub struct Holt {
 impl Holt {
     /// Holt with level smoothing `alpha` and trend smoothing `beta`.
     pub fn new(alpha: f64, beta: f64) -> Self {
+        Holt::damped(alpha, beta, 1.0)
+    }
+
+    /// Holt with a trend damped by `phi` per step: the h-step forecast is
+    /// ℓ + (φ + φ² + … + φʰ)·b, so a short burst of growth is not extrapolated far.
+    pub fn damped(alpha: f64, beta: f64, phi: f64) -> Self {
         Holt {
             alpha: alpha.clamp(1e-6, 1.0),
             beta: beta.clamp(0.0, 1.0),
+            phi: phi.clamp(0.0, 1.0),
             state: None,
             damped_floor: true,
         }
@@ -140,15 +149,21 @@ impl Forecaster for Holt {
         self.state = Some(match self.state {
             None => (y, 0.0),
             Some((level, trend)) => {
-                let new_level = self.alpha * y + (1.0 - self.alpha) * (level + trend);
-                let new_trend = self.beta * (new_level - level) + (1.0 - self.beta) * trend;
+                let damped = self.phi * trend;
+                let new_level = self.alpha * y + (1.0 - self.alpha) * (level + damped);
+                let new_trend = self.beta * (new_level - level) + (1.0 - self.beta) * damped;
                 (new_level, new_trend)
             }
         });
     }
     fn forecast(&self, h: usize) -> f64 {
         let (level, trend) = self.state.unwrap_or((0.0, 0.0));
-        let f = level + h as f64 * trend;
+        let steps: f64 = if self.phi >= 1.0 {
+            h as f64
+        } else {
+            (1..=h).map(|k| self.phi.powi(k as i32)).sum()
+        };
+        let f = level + steps * trend;
         // Load cannot be negative.
         if self.damped_floor { f.max(0.0) } else { f }
     }
@@ -463,6 +478,25 @@ mod tests {
         f.observe(2.0, 5.0);
         assert_eq!(f.forecast(1), 10.0); // 0.5·5 + 0.5·15
         assert_eq!(f.forecast(7), 10.0, "SES is flat beyond one step");
+    }
+
+    #[test]
+    fn a_damped_trend_extrapolates_less_and_phi_one_is_plain_holt() {
+        let mut plain = Holt::new(0.5, 0.3);
+        let mut one = Holt::damped(0.5, 0.3, 1.0);
+        let mut damped = Holt::damped(0.5, 0.3, 0.8);
+        for t in 0..50 {
+            let y = 10.0 + 2.0 * t as f64;
+            plain.observe(t as f64, y);
+            one.observe(t as f64, y);
+            damped.observe(t as f64, y);
+        }
+        assert_eq!(plain.forecast(4), one.forecast(4));
+        let last = 10.0 + 2.0 * 49.0;
+        assert!(damped.forecast(4) > last && damped.forecast(4) < plain.forecast(4));
+        // The damped trend levels off: far horizons add less and less.
+        let gain = |h: usize| damped.forecast(h + 1) - damped.forecast(h);
+        assert!(gain(20) < 0.1 * gain(1));
     }
 
     #[test]
