@@ -168,6 +168,13 @@ struct Inner {
     limiter: Mutex<LogLimiter>,
 }
 
+impl Inner {
+    /// Whether a log line of `kind` may be written now; `Some(lines suppressed since)`.
+    fn log_allowed(&self, kind: &'static str) -> Option<u64> {
+        self.limiter.lock().ok()?.allow(kind, Instant::now())
+    }
+}
+
 /// The running offload client.
 pub struct Offload {
     inner: Arc<Inner>,
@@ -386,12 +393,7 @@ async fn keep_connected(
             }
             Err(e) => {
                 Counters::bump(&inner.counters.replica_connect_errors);
-                let allowed = inner
-                    .limiter
-                    .lock()
-                    .ok()
-                    .and_then(|mut l| l.allow("replica connect", Instant::now()));
-                if let Some(suppressed) = allowed {
+                if let Some(suppressed) = inner.log_allowed("replica connect") {
                     tracing::warn!(replica = %slot.endpoint, suppressed, retry_in_ms = backoff.as_millis() as u64, "cannot reach replica: {e:#}");
                 }
             }
@@ -512,12 +514,7 @@ async fn request(inner: &Inner, index: usize, job: Job, deadline: Instant, reser
                 slot.eject(Instant::now() + inner.eject);
                 Counters::bump(&counters.replica_ejections);
             }
-            let allowed = inner
-                .limiter
-                .lock()
-                .ok()
-                .and_then(|mut l| l.allow("remote failure", Instant::now()));
-            if let Some(suppressed) = allowed {
+            if let Some(suppressed) = inner.log_allowed("remote failure") {
                 tracing::warn!(replica = %slot.endpoint, suppressed, ejected = eject, "remote inference failed, running it locally: {what}");
             }
             fall_back(inner, job, deadline).await;
