@@ -3,8 +3,9 @@
 //! [`Broker`] runs a private mosquitto on a free loopback port (and can restart it on the
 //! same port); [`Agent`] runs the `edge-agent` binary as a child process with a config written
 //! to a temporary folder; [`Listener`] is an independent MQTT client that collects results and
-//! status messages. Nothing here is mocked: the tests see exactly what a user's broker and
-//! tools would see. When mosquitto is not installed the tests say so and skip, except in CI
+//! status messages; [`fleet`] adds the cloud side (fleet CA, replica processes, a lossy UDP
+//! relay, a CPU limit that makes an agent a slow gateway, a load driver with a rate profile).
+//! Nothing here is mocked: the tests see exactly what a user's broker and tools would see. When mosquitto is not installed the tests say so and skip, except in CI
 //! (`CI` set), where a missing broker is a failure.
 
 #![allow(clippy::disallowed_methods)] // test harness: waits with deadlines
