@@ -88,14 +88,61 @@ pub fn issue(
     hosts: &[String],
     now: SystemTime,
 ) -> anyhow::Result<Issued> {
-    // The name becomes a file name and a certificate name: keep it plain.
+    check_name(name)?;
+    let issuer = load_issuer(ca_dir)?;
+    let params = leaf_params(name, role, hosts, now)?;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let paths = Issued {
+        cert: out_dir.join(format!("{name}.pem")),
+        key: out_dir.join(format!("{name}.key")),
+    };
+    write_new(&paths.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&paths.cert, cert.pem().as_bytes(), 0o644)?;
+    Ok(paths)
+}
+
+/// Signs an agent's certificate signing request (DER) for `name`: the certificate carries
+/// the request's public key and nothing else from it — the name, usages and validity are the
+/// CA's. Returns the certificate as PEM.
+pub fn sign_agent_request(
+    ca_dir: &Path,
+    csr_der: &[u8],
+    name: &str,
+    now: SystemTime,
+) -> anyhow::Result<String> {
+    check_name(name)?;
+    let issuer = load_issuer(ca_dir)?;
+    let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der);
+    let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der)
+        .context("the certificate request is not a valid, self-signed PKCS#10 request")?;
+    csr.params = leaf_params(name, Role::Agent, &[], now)?;
+    Ok(csr.signed_by(&issuer)?.pem())
+}
+
+/// Refuses names that would not make plain file and certificate names.
+pub fn check_name(name: &str) -> anyhow::Result<()> {
     let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     if name.is_empty() || name.len() > 64 || name.starts_with('.') || !name.chars().all(plain) {
         bail!("{name:?} is not a valid name: use 1–64 letters, digits, '-', '_' or '.'");
     }
+    Ok(())
+}
+
+fn load_issuer(ca_dir: &Path) -> anyhow::Result<Issuer<'static, KeyPair>> {
     let ca_pem = read(&ca_dir.join(CA_CERT))?;
     let ca_key = KeyPair::from_pem(&read(&ca_dir.join(CA_KEY))?).context("reading the CA key")?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("reading the CA certificate")?;
+    Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("reading the CA certificate")
+}
+
+/// What every certificate this CA issues to an agent or a server says.
+fn leaf_params(
+    name: &str,
+    role: Role,
+    hosts: &[String],
+    now: SystemTime,
+) -> anyhow::Result<CertificateParams> {
     let sans = match role {
         Role::Agent => vec![name.to_owned()],
         Role::Server if hosts.is_empty() => vec![name.to_owned()],
@@ -113,16 +160,37 @@ pub fn issue(
     let now = OffsetDateTime::from(now);
     params.not_before = now - Duration::hours(1);
     params.not_after = now + Duration::days(LEAF_VALIDITY_DAYS);
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
-    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let paths = Issued {
-        cert: out_dir.join(format!("{name}.pem")),
-        key: out_dir.join(format!("{name}.key")),
-    };
-    write_new(&paths.key, key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&paths.cert, cert.pem().as_bytes(), 0o644)?;
-    Ok(paths)
+    Ok(params)
+}
+
+/// The SHA-256 digest of the CA certificate in `ca_dir`, hex: the pin in enrolment tokens.
+pub fn fingerprint(ca_dir: &Path) -> anyhow::Result<String> {
+    let path = ca_dir.join(CA_CERT);
+    let der = crate::tls::read_certs(&path)?
+        .into_iter()
+        .next()
+        .with_context(|| format!("{} holds no certificate", path.display()))?;
+    Ok(ring::digest::digest(&ring::digest::SHA256, der.as_ref())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// The common name of a DER certificate (how the hub names the agent on a connection).
+pub fn common_name(cert_der: &[u8]) -> anyhow::Result<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| anyhow::anyhow!("bad certificate: {e}"))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .context("the certificate has no common name")?;
+    Ok(cn
+        .as_str()
+        .context("the common name is not text")?
+        .to_owned())
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {
@@ -130,7 +198,7 @@ fn read(path: &Path) -> anyhow::Result<String> {
 }
 
 /// Writes a file that must not exist yet, with `mode` from its creation on.
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -9,10 +9,21 @@
 //! forecasters of `models` in the deterministic simulator before they are trusted with real
 //! replicas.
 
+pub mod api;
+pub mod autoscale;
 pub mod ca;
+pub mod client;
+pub mod fleet;
+pub mod hub;
+pub mod registry;
 pub mod replica;
+pub mod replicas;
+pub mod session;
 pub mod simulate;
+pub mod state;
 pub mod tls;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use models::{LoadedModel, zoo};
 
@@ -49,4 +60,12 @@ pub fn check_zoo() -> Result<Vec<ZooCheck>, models::ModelError> {
             })
         })
         .collect()
+}
+
+/// Counts an event and says whether to log it: the 1st, 8th, 64th, 512th, 4096th of its
+/// kind, then every 10,000th — bad input is always counted, its log lines are not a flood.
+pub fn sampled(counter: &AtomicU64) -> bool {
+    let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+    (n.is_power_of_two() && n.trailing_zeros().is_multiple_of(3) && n <= 4096)
+        || n.is_multiple_of(10_000)
 }

@@ -7,9 +7,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
+use cloud_hub::autoscale::ScalerSettings;
 use cloud_hub::ca::{self, Role};
+use cloud_hub::hub::HubSettings;
 use cloud_hub::replica::{ModelSource, Replica, ReplicaConfig};
+use cloud_hub::replicas::ModelSpec;
 use cloud_hub::simulate::{self, PolicyKind, Scenario};
+use cloud_hub::state::HubDir;
 use cloud_hub::tls::TlsFiles;
 use models::sim::SimConfig;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +28,39 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create a hub state folder: fleet CA, hub certificates, model-signing key, database.
+    Init {
+        /// The state folder.
+        #[arg(long, default_value = "spillway-hub")]
+        dir: PathBuf,
+        /// Extra names and addresses agents reach the hub by (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+    /// Run the hub: agent sessions, replicas, API, metrics and dashboard.
+    Serve(ServeArgs),
+    /// Print a one-time token that enrols an agent (valid for --ttl-secs).
+    Enroll {
+        /// The state folder.
+        #[arg(long, default_value = "spillway-hub")]
+        dir: PathBuf,
+        /// The agent's name (its gateway name).
+        #[arg(long)]
+        agent: String,
+        /// How long the token stays valid.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+    },
+    /// The fleet, from a running hub's API.
+    Fleet {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// The replicas, from a running hub's API.
+    Replicas {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
     /// The fleet's certificate authority.
     Ca {
         #[command(subcommand)]
@@ -87,6 +124,65 @@ enum CaCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ListCommand {
+    /// List as a table.
+    Ls {
+        /// The hub's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:8080", env = "SPILLWAY_HUB")]
+        hub: String,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, ClapArgs)]
+struct ServeArgs {
+    /// The state folder (`cloud-hub init`).
+    #[arg(long, default_value = "spillway-hub")]
+    dir: PathBuf,
+    /// UDP address of the agents' control endpoint.
+    #[arg(long, default_value = "0.0.0.0:4430")]
+    listen: SocketAddr,
+    /// TCP address of the API, metrics and dashboard.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// A model served by replicas: a zoo name, or NAME=FILE.onnx (repeatable).
+    #[arg(long = "model", default_value = "bearing-cnn")]
+    models: Vec<String>,
+    /// Fewest replicas per model (0 scales to zero).
+    #[arg(long, default_value_t = 0)]
+    min_replicas: usize,
+    /// Most replicas per model.
+    #[arg(long, default_value_t = 8)]
+    max_replicas: usize,
+    /// The autoscaler's stable window, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    stable_secs: f64,
+    /// Seconds without demand after the stable window before the last replica stops.
+    #[arg(long, default_value_t = 30.0)]
+    idle_secs: f64,
+    /// Requests per second one replica serves until measured.
+    #[arg(long, default_value_t = 200.0)]
+    replica_capacity: f64,
+    /// Inference threads per replica.
+    #[arg(long, default_value_t = 1)]
+    replica_workers: usize,
+    /// Heartbeat period asked of agents, ms.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u32,
+    /// An agent silent this long is marked offline, ms.
+    #[arg(long, default_value_t = 3000)]
+    offline_after_ms: u64,
+    /// Most agent connections.
+    #[arg(long, default_value_t = 20_000)]
+    max_sessions: usize,
+    /// The replica manager's tick, ms.
+    #[arg(long, default_value_t = 1000)]
+    tick_ms: u64,
+}
+
 #[derive(Debug, ClapArgs)]
 struct ReplicaArgs {
     /// UDP address to listen on; port 0 picks a free one (printed at start).
@@ -135,6 +231,43 @@ struct ReplicaArgs {
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
+        Command::Init { dir, hosts } => {
+            let hub = HubDir::new(&dir);
+            if hub.init(&hosts, SystemTime::now())? {
+                println!("hub state created in {}", dir.display());
+            } else {
+                println!("hub state in {} already complete", dir.display());
+            }
+            println!("fleet CA: {}", hub.ca_cert().display());
+        }
+        Command::Serve(args) => serve(args)?,
+        Command::Enroll {
+            dir,
+            agent,
+            ttl_secs,
+        } => {
+            cloud_hub::ca::check_name(&agent)?;
+            let hub = HubDir::new(&dir);
+            anyhow::ensure!(
+                hub.exists(),
+                "{} is not a hub state folder: run `cloud-hub init` first",
+                dir.display()
+            );
+            let registry = cloud_hub::registry::Registry::open(&hub.database())?;
+            let now = cloud_hub::replicas::unix_ms();
+            let secret = registry.issue_token(&agent, now, now + (ttl_secs * 1000) as i64)?;
+            // The agent learns which CA to trust from the token itself.
+            println!("{secret}.{}", ca::fingerprint(hub.ca_dir())?);
+            eprintln!(
+                "one-time token for {agent}, valid {ttl_secs} s: start the agent with [hub] token = \"…\" or SPILLWAY__HUB__TOKEN"
+            );
+        }
+        Command::Fleet {
+            command: ListCommand::Ls { hub, json },
+        } => cloud_hub::client::fleet_ls(&hub, json)?,
+        Command::Replicas {
+            command: ListCommand::Ls { hub, json },
+        } => cloud_hub::client::replicas_ls(&hub, json)?,
         Command::Ca { command } => match command {
             CaCommand::Init { dir, name } => {
                 let paths = ca::init(&dir, &name, SystemTime::now())?;
@@ -246,13 +379,76 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn replica(args: ReplicaArgs) -> anyhow::Result<()> {
+fn logs() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    logs();
+    let scaler = ScalerSettings {
+        min: args.min_replicas,
+        max: args.max_replicas,
+        stable_secs: args.stable_secs,
+        idle_secs: args.idle_secs,
+        default_capacity: args.replica_capacity,
+        ..ScalerSettings::default()
+    };
+    let models = args
+        .models
+        .iter()
+        .map(|m| {
+            let (name, source) = match m.split_once('=') {
+                Some((name, path)) => (name.to_owned(), ModelSource::Path(path.into())),
+                None => {
+                    anyhow::ensure!(
+                        models::zoo::ALL.iter().any(|z| z.name == m),
+                        "{m:?} is not a sample model; say NAME=FILE.onnx for a file"
+                    );
+                    (m.clone(), ModelSource::Zoo(m.clone()))
+                }
+            };
+            Ok(ModelSpec {
+                name,
+                source,
+                version: 1,
+                scaler: scaler.clone(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let settings = HubSettings {
+        dir: HubDir::new(&args.dir),
+        listen: args.listen,
+        http: args.http,
+        heartbeat_ms: args.heartbeat_ms,
+        offline_after_ms: args.offline_after_ms,
+        max_sessions: args.max_sessions,
+        models,
+        replica_workers: args.replica_workers,
+        tick: Duration::from_millis(args.tick_ms),
+        exe: std::env::current_exe()?,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let hub = tokio::spawn(cloud_hub::hub::run(settings, ready_tx, shutdown.clone()));
+        if let Ok(bound) = ready_rx.await {
+            // Lines on stdout, for scripts and test harnesses that asked for port 0.
+            println!("control on {}", bound.control);
+            println!("dashboard on http://{}/", bound.http);
+        }
+        hub.await?
+    })
+}
+
+fn replica(args: ReplicaArgs) -> anyhow::Result<()> {
+    logs();
     let workers = match args.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,

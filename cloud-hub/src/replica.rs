@@ -81,16 +81,6 @@ struct Stats {
     connections: AtomicUsize,
 }
 
-impl Stats {
-    /// Counts an event and says whether to log it: the 1st, 8th, 64th, 512th, 4096th of
-    /// its kind, then every 10,000th.
-    fn count(counter: &AtomicU64) -> bool {
-        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
-        (n.is_power_of_two() && n.trailing_zeros().is_multiple_of(3) && n <= 4096)
-            || n.is_multiple_of(10_000)
-    }
-}
-
 /// What the replica did, returned when it stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
@@ -215,7 +205,7 @@ impl Replica {
             };
             let Some(incoming) = incoming else { break };
             if self.stats.connections.load(Ordering::Relaxed) >= self.max_connections {
-                if Stats::count(&self.stats.refused_connections) {
+                if crate::sampled(&self.stats.refused_connections) {
                     tracing::warn!(
                         remote = %incoming.remote_address(),
                         limit = self.max_connections,
@@ -277,7 +267,7 @@ async fn connection(incoming: quinn::Incoming, ctx: Ctx) {
     let conn = match incoming.await {
         Ok(conn) => conn,
         Err(e) => {
-            if Stats::count(&ctx.stats.failed_handshakes) {
+            if crate::sampled(&ctx.stats.failed_handshakes) {
                 tracing::warn!(%remote, "handshake failed: {e}");
             }
             return;
@@ -320,7 +310,7 @@ async fn stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, ctx: &
 }
 
 fn bad(ctx: &Ctx, id: Option<frame::RequestId>, message: String) -> Message {
-    if Stats::count(&ctx.stats.bad_requests) {
+    if crate::sampled(&ctx.stats.bad_requests) {
         tracing::warn!(
             total = ctx.stats.bad_requests.load(Ordering::Relaxed),
             "bad request: {message}"
@@ -338,7 +328,7 @@ async fn dispatch(message: Message, ctx: &Ctx) -> Message {
         Message::InferRequest(request) => request,
         Message::LoadQuery => return Message::Load(load(ctx)),
         Message::Echo(values) => return Message::Echo(values),
-        other => return bad(ctx, None, format!("unexpected {}", kind(&other))),
+        other => return bad(ctx, None, format!("unexpected {}", Message::kind(&other))),
     };
     let served = &ctx.served;
     if request.model != served.name {
@@ -368,7 +358,7 @@ async fn dispatch(message: Message, ctx: &Ctx) -> Message {
     match ctx.queue.try_send(work) {
         Ok(()) => {}
         Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-            Stats::count(&ctx.stats.overloaded);
+            crate::sampled(&ctx.stats.overloaded);
             return Message::Error(Error {
                 id: Some(id),
                 code: ErrorCode::Overloaded,
@@ -383,20 +373,6 @@ async fn dispatch(message: Message, ctx: &Ctx) -> Message {
             message: "the inference thread stopped".into(),
         })
     })
-}
-
-fn kind(message: &Message) -> &'static str {
-    match message {
-        Message::InferRequest(_) => "InferRequest",
-        Message::InferResponse(_) => "InferResponse",
-        Message::Error(_) => "Error",
-        Message::Hello(_) => "Hello",
-        Message::Welcome(_) => "Welcome",
-        Message::Heartbeat(_) => "Heartbeat",
-        Message::LoadQuery => "LoadQuery",
-        Message::Load(_) => "Load",
-        Message::Echo(_) => "Echo",
-    }
 }
 
 fn load(ctx: &Ctx) -> ReplicaLoad {
@@ -420,7 +396,7 @@ fn work(jobs: &Receiver<Work>, served: &Served, stats: &Stats) {
         let id = work.request.id;
         let started = Instant::now();
         if started > work.expires {
-            if Stats::count(&stats.expired) {
+            if crate::sampled(&stats.expired) {
                 tracing::info!(
                     total = stats.expired.load(Ordering::Relaxed),
                     "dropped a request whose deadline passed in the queue"

@@ -47,6 +47,17 @@ pub fn server_config(
     files: &TlsFiles,
     idle_timeout: Duration,
 ) -> anyhow::Result<quinn::ServerConfig> {
+    server_config_with(files, idle_timeout, false)
+}
+
+/// Like [`server_config`]; with `allow_anonymous`, a client may also connect without a
+/// certificate (the hub's enrolment: such a connection may only present a token). A
+/// certificate that is presented must still be the fleet CA's.
+pub fn server_config_with(
+    files: &TlsFiles,
+    idle_timeout: Duration,
+    allow_anonymous: bool,
+) -> anyhow::Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for ca in read_certs(&files.ca)? {
@@ -54,13 +65,24 @@ pub fn server_config(
             .add(ca)
             .context("the fleet CA certificate is not usable")?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let builder = if allow_anonymous {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    let verifier = builder
         .build()
         .context("building the client certificate verifier")?;
+    // Agents that enrol have no CA yet, only its digest from the token: show them the CA.
+    let mut chain = read_certs(&files.cert)?;
+    if allow_anonymous {
+        chain.extend(read_certs(&files.ca)?);
+    }
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(read_certs(&files.cert)?, read_key(&files.key)?)
+        .with_single_cert(chain, read_key(&files.key)?)
         .context("the server certificate does not match its key")?;
     tls.alpn_protocols = vec![protocol::frame::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
@@ -73,4 +95,46 @@ pub fn server_config(
     transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// QUIC client settings for the hub's own connections to its replicas: the hub's client
+/// certificate, the fleet CA as the only root.
+pub fn client_config(files: &TlsFiles) -> anyhow::Result<quinn::ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs(&files.ca)? {
+        roots
+            .add(ca)
+            .context("the fleet CA certificate is not usable")?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(read_certs(&files.cert)?, read_key(&files.key)?)
+        .context("the client certificate does not match its key")?;
+    tls.alpn_protocols = vec![protocol::frame::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    transport.max_idle_timeout(Some(Duration::from_secs(5).try_into()?));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Sends one message on a new stream of `conn` and reads the one-frame answer.
+pub async fn exchange(
+    conn: &quinn::Connection,
+    request: &protocol::frame::Message,
+) -> anyhow::Result<protocol::frame::Message> {
+    use protocol::frame::{Decoded, Decoder, HEADER_LEN};
+    const MAX: usize = 64 * 1024;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&protocol::frame::encode(request)).await?;
+    send.finish()?;
+    let bytes = recv.read_to_end(HEADER_LEN + MAX).await?;
+    match Decoder::new(MAX).decode(&bytes)? {
+        Decoded::Frame { message, .. } => Ok(message),
+        Decoded::NeedMore(_) => anyhow::bail!("truncated answer"),
+    }
 }

@@ -3,7 +3,9 @@
 //! [`run`] loads the models, starts the worker pool, a publisher task (results → MQTT QoS 1)
 //! and a status task (retained status every few seconds), then polls the MQTT event loop,
 //! handing publishes to [`Ingest`]. Connection loss is retried with doubling backoff; every
-//! (re)connection resubscribes and republishes the online status. On shutdown the agent
+//! (re)connection resubscribes and republishes the online status. With a `[hub]`, a session
+//! task ([`crate::hub`]) enrols if needed, heartbeats and feeds the hub's replica sets to the
+//! offload client. On shutdown the agent
 //! unsubscribes, lets the workers finish the queue, publishes every result, waits (bounded)
 //! for the broker's acknowledgements, marks itself offline and disconnects.
 
@@ -15,11 +17,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use protocol::edge::{OFFLINE, Status, Topics};
+use protocol::frame::{Heartbeat, ModelVersion};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
+use crate::hub::HubContext;
 use crate::ingest::Ingest;
 use crate::offload::Offload;
 use crate::pool::{Outgoing, Pool, QueueProbe};
@@ -102,6 +106,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             tracing::info!(mode = mode.name(), replicas = ?config.offload.replicas, "offload on");
             Some(Offload::start(
                 &config.offload,
+                config.offload_identity().as_ref(),
                 Arc::clone(&models),
                 topics.clone(),
                 results_tx.clone(),
@@ -165,6 +170,43 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             reporter
         })
     };
+
+    let hub_task = config.hub.endpoint.as_ref().map(|hub| {
+        tracing::info!(%hub, "reporting to the hub");
+        let offload = lock(&router).offload_handle();
+        let context = HubContext {
+            config: config.hub.clone(),
+            agent: config.agent.gateway.clone(),
+            site: config.agent.site.clone(),
+            models: models
+                .iter()
+                .map(|m| ModelVersion {
+                    name: m.name.to_string(),
+                    version: m.version,
+                })
+                .collect(),
+            offload,
+            report: Box::new(
+                HeartbeatSource {
+                    sampler: Sampler::new(),
+                    queue: pool.probe(),
+                    shared: Arc::clone(&shared),
+                    router: Arc::clone(&router),
+                    models: models
+                        .iter()
+                        .map(|m| ModelVersion {
+                            name: m.name.to_string(),
+                            version: m.version,
+                        })
+                        .collect(),
+                    last: (0, 0),
+                }
+                .into_fn(),
+            ),
+            counters: Arc::clone(&shared.counters),
+        };
+        tokio::spawn(crate::hub::run(context, status_stop.clone()))
+    });
 
     let mut ingest = Ingest::new(
         &config,
@@ -318,6 +360,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     }
     // A clean stop says so itself, with the final counters; the last will is only for an
     // agent that vanished.
+    if let Some(task) = hub_task {
+        let _ = task.await;
+    }
     let last_word = match status_task.await {
         Ok(mut reporter) => reporter.encode("offline"),
         Err(_) => OFFLINE.as_bytes().to_vec(),
@@ -378,6 +423,63 @@ impl StatusReporter {
             offload,
         };
         serde_json::to_vec(&status).unwrap_or_default()
+    }
+}
+
+/// Builds the hub heartbeats.
+struct HeartbeatSource {
+    sampler: Sampler,
+    queue: QueueProbe,
+    shared: Arc<Shared>,
+    router: Arc<std::sync::Mutex<Router>>,
+    models: Vec<ModelVersion>,
+    /// Windows routed remote and in all, at the last heartbeat.
+    last: (u64, u64),
+}
+
+impl HeartbeatSource {
+    fn into_fn(mut self) -> impl FnMut() -> Heartbeat + Send + Sync {
+        move || self.heartbeat()
+    }
+
+    fn heartbeat(&mut self) -> Heartbeat {
+        let load = self.sampler.sample();
+        let (policy, demand, in_flight) = {
+            let mut router = lock(&self.router);
+            router.advance(Instant::now());
+            router.heartbeat_figures()
+        };
+        let counters = self.shared.counters.snapshot();
+        let get = |k: &str| counters.get(k).copied().unwrap_or(0);
+        let remote = get("routed_remote_forecast")
+            + get("routed_remote_guard")
+            + get("routed_remote_overflow");
+        let total = remote
+            + get("routed_local")
+            + get("local_cloud_unreachable")
+            + get("local_remote_too_slow")
+            + get("local_offload_busy");
+        let (last_remote, last_total) = self.last;
+        self.last = (remote, total);
+        let share = if total > last_total {
+            (remote - last_remote) as f32 / (total - last_total) as f32
+        } else {
+            0.0
+        };
+        Heartbeat {
+            seq: 0,
+            arrival_rate: policy.arrival_rate as f32,
+            capacity: policy.capacity as f32,
+            forecast: policy.forecast as f32,
+            offload_demand: demand as f32,
+            queue_depth: self.queue.len() as u32,
+            offload_share: share,
+            in_flight: in_flight as u32,
+            cpu: load.cpu_percent / 100.0,
+            memory_bytes: load.rss_bytes,
+            models: self.models.clone(),
+            counters: counters.into_iter().collect(),
+        }
     }
 }
 

@@ -31,6 +31,89 @@ pub struct AgentConfig {
     /// Spilling work to cloud replicas.
     #[serde(default)]
     pub offload: OffloadSection,
+    /// The hub this agent reports to.
+    #[serde(default)]
+    pub hub: HubSection,
+}
+
+/// `[hub]`: the fleet's control plane. Without `endpoint` the agent runs on its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubSection {
+    /// The hub's control endpoint, `host:port` (UDP).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The name the hub's certificate carries.
+    #[serde(default = "default_hub_server_name")]
+    pub server_name: String,
+    /// Where the agent keeps its enrolled identity (key, certificate, fleet CA, hub key);
+    /// relative paths are taken from the config file's folder.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The one-time token from `cloud-hub enroll`, used once when the state folder holds no
+    /// certificate yet (best passed as `SPILLWAY__HUB__TOKEN`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Time allowed for a QUIC handshake.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// First reconnection delay; it doubles up to `reconnect_max_ms`.
+    #[serde(default = "default_hub_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnection delay.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for HubSection {
+    fn default() -> Self {
+        HubSection {
+            endpoint: None,
+            server_name: default_hub_server_name(),
+            state_dir: default_state_dir(),
+            token: None,
+            connect_timeout_ms: default_connect_timeout_ms(),
+            reconnect_min_ms: default_hub_reconnect_min_ms(),
+            reconnect_max_ms: default_reconnect_max_ms(),
+        }
+    }
+}
+
+/// Where an agent's mutual-TLS identity is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The fleet CA certificate.
+    pub ca_cert: PathBuf,
+    /// The agent's certificate.
+    pub cert: PathBuf,
+    /// The agent's key.
+    pub key: PathBuf,
+}
+
+impl HubSection {
+    /// The identity files in the state folder (they exist once the agent has enrolled).
+    pub fn identity(&self) -> Identity {
+        Identity {
+            ca_cert: self.state_dir.join("ca.pem"),
+            cert: self.state_dir.join("agent.pem"),
+            key: self.state_dir.join("agent.key"),
+        }
+    }
+
+    /// The pinned model-signing key of the hub.
+    pub fn hub_key_path(&self) -> PathBuf {
+        self.state_dir.join("hub.pub")
+    }
+}
+
+fn default_hub_server_name() -> String {
+    "spillway-hub".into()
+}
+fn default_state_dir() -> PathBuf {
+    "state".into()
+}
+fn default_hub_reconnect_min_ms() -> u64 {
+    200
 }
 
 /// `[agent]`: identity, worker pool and limits.
@@ -354,6 +437,9 @@ impl AgentConfig {
         let mut config = Self::build(file, env)?;
         if let Some(dir) = path.parent() {
             let o = &mut config.offload;
+            if config.hub.state_dir.is_relative() {
+                config.hub.state_dir = dir.join(&config.hub.state_dir);
+            }
             let paths = config.models.iter_mut().map(|m| &mut m.path).chain([
                 &mut o.ca_cert,
                 &mut o.cert,
@@ -473,6 +559,7 @@ impl AgentConfig {
             }
         }
         self.validate_offload(&mut problems);
+        self.validate_hub(&mut problems);
         let s = &self.sensors;
         if s.max_sensors == 0 {
             problems.push("sensors.max_sensors must be at least 1".into());
@@ -512,8 +599,12 @@ impl AgentConfig {
         if mode == models::offload::Mode::Off {
             return;
         }
-        if o.replicas.is_empty() {
-            problems.push("offload.replicas is empty, so there is nowhere to offload to".into());
+        let hub = self.hub.endpoint.is_some();
+        if o.replicas.is_empty() && !hub {
+            problems.push(
+                "offload.replicas is empty and there is no [hub] to name them, so there is nowhere to offload to"
+                    .into(),
+            );
         }
         for r in &o.replicas {
             if r.rsplit_once(':')
@@ -523,8 +614,10 @@ impl AgentConfig {
             }
         }
         for (what, path) in [("ca_cert", &o.ca_cert), ("cert", &o.cert), ("key", &o.key)] {
-            if path.is_none() {
-                problems.push(format!("offload.{what} is needed (mutual TLS)"));
+            if path.is_none() && !hub {
+                problems.push(format!(
+                    "offload.{what} is needed (mutual TLS), or a [hub] that issues it"
+                ));
             }
         }
         if o.slo_ms == 0 || o.tick_ms == 0 || o.horizon_ms == 0 {
@@ -549,6 +642,37 @@ impl AgentConfig {
         if o.reconnect_min_ms == 0 || o.reconnect_min_ms > o.reconnect_max_ms {
             problems
                 .push("offload.reconnect_min_ms must be in 1..=offload.reconnect_max_ms".into());
+        }
+    }
+
+    fn validate_hub(&self, problems: &mut Vec<String>) {
+        let h = &self.hub;
+        if let Some(e) = &h.endpoint
+            && e.rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        {
+            problems.push(format!("hub.endpoint: {e:?} is not host:port"));
+        }
+        if h.reconnect_min_ms == 0 || h.reconnect_min_ms > h.reconnect_max_ms {
+            problems.push("hub.reconnect_min_ms must be in 1..=hub.reconnect_max_ms".into());
+        }
+        if h.connect_timeout_ms == 0 {
+            problems.push("hub.connect_timeout_ms must be at least 1".into());
+        }
+    }
+
+    /// The identity offload connections use: `[offload]`'s files when given, else the one
+    /// enrolled through the hub.
+    pub fn offload_identity(&self) -> Option<Identity> {
+        let o = &self.offload;
+        match (&o.ca_cert, &o.cert, &o.key) {
+            (Some(ca_cert), Some(cert), Some(key)) => Some(Identity {
+                ca_cert: ca_cert.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ if self.hub.endpoint.is_some() => Some(self.hub.identity()),
+            _ => None,
         }
     }
 

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod config;
 pub mod cpu_quota;
+pub mod hub;
 pub mod ingest;
 pub mod offload;
 pub mod pool;

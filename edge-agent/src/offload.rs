@@ -14,7 +14,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -28,7 +28,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::OffloadSection;
+use crate::config::{Identity, OffloadSection};
 use crate::pool::{Job, LocalQueue, Outgoing, finish};
 use crate::serving::ServedModel;
 use crate::telemetry::{Counters, LogLimiter};
@@ -99,6 +99,10 @@ pub async fn exchange(conn: &quinn::Connection, request: &Message) -> anyhow::Re
 #[derive(Debug)]
 struct Slot {
     endpoint: String,
+    /// The model it serves; `None` for replicas from the config, which serve every model.
+    model: Option<String>,
+    /// Ends this slot's connection keeper when the replica leaves the set.
+    stop: CancellationToken,
     conn: Mutex<Option<quinn::Connection>>,
     /// Smoothed request latency, µs; 0 until measured.
     ewma_us: AtomicU64,
@@ -109,6 +113,19 @@ struct Slot {
 }
 
 impl Slot {
+    fn new(endpoint: String, model: Option<String>, parent: &CancellationToken) -> Slot {
+        Slot {
+            endpoint,
+            model,
+            stop: parent.child_token(),
+            conn: Mutex::new(None),
+            ewma_us: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            ejected_until: Mutex::new(None),
+            failures: AtomicU32::new(0),
+        }
+    }
+
     fn connection(&self) -> Option<quinn::Connection> {
         self.conn.lock().ok()?.clone()
     }
@@ -155,7 +172,13 @@ impl Slot {
 
 struct Inner {
     endpoint: quinn::Endpoint,
-    slots: Vec<Slot>,
+    /// TLS and transport settings; `None` until the agent has an identity.
+    client: RwLock<Option<quinn::ClientConfig>>,
+    slots: RwLock<Vec<Arc<Slot>>>,
+    server_name: String,
+    connect_timeout: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
     models: Arc<[ServedModel]>,
     topics: Topics,
     results: tokio::sync::mpsc::Sender<Outgoing>,
@@ -173,6 +196,80 @@ impl Inner {
     fn log_allowed(&self, kind: &'static str) -> Option<u64> {
         self.limiter.lock().ok()?.allow(kind, Instant::now())
     }
+
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Replicas that can serve `model` now.
+    fn available(&self, model: &str, now: Instant) -> Vec<Arc<Slot>> {
+        let slots = self.slots.read();
+        let Ok(slots) = slots else { return Vec::new() };
+        slots
+            .iter()
+            .filter(|s| s.model.as_deref().is_none_or(|m| m == model))
+            .filter(|s| s.available(now))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A handle to the running offload client for the hub session: it installs the enrolled
+/// identity and replaces replica sets as the hub pushes them.
+#[derive(Clone)]
+pub struct OffloadHandle {
+    inner: Arc<Inner>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for OffloadHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OffloadHandle").finish_non_exhaustive()
+    }
+}
+
+impl OffloadHandle {
+    /// Uses `identity` for every connection from now on.
+    pub fn use_identity(&self, identity: &Identity) -> anyhow::Result<()> {
+        let config = client_config(&identity.ca_cert, &identity.cert, &identity.key)?;
+        if let Ok(mut client) = self.inner.client.write() {
+            *client = Some(config);
+        }
+        Ok(())
+    }
+
+    /// Makes `endpoints` the replicas of `model`: new ones are connected, gone ones are let
+    /// go (requests already sent to them finish or fall back as usual).
+    pub fn set_replicas(&self, model: &str, endpoints: &[String]) {
+        let Ok(mut slots) = self.inner.slots.write() else {
+            return;
+        };
+        slots.retain(|slot| {
+            let keep = slot.model.as_deref() != Some(model) || endpoints.contains(&slot.endpoint);
+            if !keep {
+                tracing::info!(replica = %slot.endpoint, model, "replica left the set");
+                slot.stop.cancel();
+            }
+            keep
+        });
+        for endpoint in endpoints {
+            let known = slots
+                .iter()
+                .any(|s| s.model.as_deref() == Some(model) && &s.endpoint == endpoint);
+            if !known {
+                tracing::info!(replica = %endpoint, model, "replica joined the set");
+                let slot = Arc::new(Slot::new(
+                    endpoint.clone(),
+                    Some(model.to_owned()),
+                    &self.stop,
+                ));
+                self.tasks
+                    .spawn(keep_connected(Arc::clone(&self.inner), Arc::clone(&slot)));
+                slots.push(slot);
+            }
+        }
+    }
 }
 
 /// The running offload client.
@@ -185,41 +282,43 @@ pub struct Offload {
 impl std::fmt::Debug for Offload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Offload")
-            .field("replicas", &self.inner.slots.len())
+            .field("replicas", &self.inner.slots().len())
             .finish()
     }
 }
 
 impl Offload {
-    /// Starts connecting to every replica in `config`.
+    /// Starts connecting to every replica in `config`, with `identity` when it exists
+    /// already (an agent that still has to enrol gets it later through [`OffloadHandle`]).
     pub fn start(
         config: &OffloadSection,
+        identity: Option<&Identity>,
         models: Arc<[ServedModel]>,
         topics: Topics,
         results: tokio::sync::mpsc::Sender<Outgoing>,
         local: LocalQueue,
         counters: Arc<Counters>,
     ) -> anyhow::Result<Offload> {
-        let (Some(ca), Some(cert), Some(key)) = (&config.ca_cert, &config.cert, &config.key) else {
-            anyhow::bail!("offload needs ca_cert, cert and key");
+        let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+        let client = match identity {
+            Some(id) if id.cert.exists() => Some(client_config(&id.ca_cert, &id.cert, &id.key)?),
+            Some(_) if config.replicas.is_empty() => None,
+            _ => anyhow::bail!("offload needs ca_cert, cert and key"),
         };
-        let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
-        endpoint.set_default_client_config(client_config(ca, cert, key)?);
+        let stop = CancellationToken::new();
         let slots = config
             .replicas
             .iter()
-            .map(|r| Slot {
-                endpoint: r.clone(),
-                conn: Mutex::new(None),
-                ewma_us: AtomicU64::new(0),
-                in_flight: AtomicU32::new(0),
-                ejected_until: Mutex::new(None),
-                failures: AtomicU32::new(0),
-            })
-            .collect();
+            .map(|r| Arc::new(Slot::new(r.clone(), None, &stop)))
+            .collect::<Vec<_>>();
         let inner = Arc::new(Inner {
             endpoint,
-            slots,
+            client: RwLock::new(client),
+            slots: RwLock::new(slots.clone()),
+            server_name: config.server_name.clone(),
+            connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+            backoff_min: Duration::from_millis(config.reconnect_min_ms),
+            backoff_max: Duration::from_millis(config.reconnect_max_ms),
             models,
             topics,
             results,
@@ -233,30 +332,37 @@ impl Offload {
         });
         let offload = Offload {
             inner,
-            stop: CancellationToken::new(),
+            stop,
             tasks: TaskTracker::new(),
         };
-        for index in 0..offload.inner.slots.len() {
-            offload.tasks.spawn(keep_connected(
-                Arc::clone(&offload.inner),
-                index,
-                config.server_name.clone(),
-                Duration::from_millis(config.connect_timeout_ms),
-                Duration::from_millis(config.reconnect_min_ms),
-                Duration::from_millis(config.reconnect_max_ms),
-                offload.stop.clone(),
-            ));
+        for slot in slots {
+            offload
+                .tasks
+                .spawn(keep_connected(Arc::clone(&offload.inner), slot));
         }
         Ok(offload)
     }
 
-    /// The expected latency of the best available replica, `None` when none is available.
-    pub fn estimate(&self, now: Instant) -> Option<Duration> {
+    /// The name of model `index`.
+    pub fn model_name(&self, index: usize) -> &str {
+        &self.inner.models[index].name
+    }
+
+    /// A handle for the hub session.
+    pub fn handle(&self) -> OffloadHandle {
+        OffloadHandle {
+            inner: Arc::clone(&self.inner),
+            stop: self.stop.clone(),
+            tasks: self.tasks.clone(),
+        }
+    }
+
+    /// The expected latency of the best replica available for `model`, `None` when none is.
+    pub fn estimate(&self, model: &str, now: Instant) -> Option<Duration> {
         self.inner
-            .slots
+            .available(model, now)
             .iter()
-            .filter(|s| s.available(now))
-            .map(Slot::latency)
+            .map(|s| s.latency())
             .min()
     }
 
@@ -269,41 +375,39 @@ impl Offload {
         if inner.in_flight.load(Ordering::Relaxed) >= inner.max_in_flight {
             return Err(job);
         }
-        let Some(slot) = self.pick(now) else {
+        let Some(slot) = self.pick(&inner.models[job.model].name, now) else {
             return Err(job);
         };
         inner.in_flight.fetch_add(1, Ordering::Relaxed);
-        inner.slots[slot].in_flight.fetch_add(1, Ordering::Relaxed);
+        slot.in_flight.fetch_add(1, Ordering::Relaxed);
         let inner = Arc::clone(inner);
         self.tasks.spawn(async move {
-            request(&inner, slot, job, deadline, reserve).await;
-            inner.slots[slot].in_flight.fetch_sub(1, Ordering::Relaxed);
+            request(&inner, &slot, job, deadline, reserve).await;
+            slot.in_flight.fetch_sub(1, Ordering::Relaxed);
             inner.in_flight.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(())
     }
 
     /// Power of two choices: two random available replicas, the one expected sooner wins.
-    fn pick(&self, now: Instant) -> Option<usize> {
-        let available: Vec<usize> = (0..self.inner.slots.len())
-            .filter(|&i| self.inner.slots[i].available(now))
-            .collect();
+    fn pick(&self, model: &str, now: Instant) -> Option<Arc<Slot>> {
+        let available = self.inner.available(model, now);
         match available.len() {
             0 => None,
-            1 => Some(available[0]),
+            1 => available.into_iter().next(),
             n => {
                 let r = splitmix(self.inner.rng.fetch_add(1, Ordering::Relaxed));
-                let a = available[(r % n as u64) as usize];
-                let mut b = available[((r >> 32) % (n as u64 - 1)) as usize];
+                let a = (r % n as u64) as usize;
+                let mut b = ((r >> 32) % (n as u64 - 1)) as usize;
                 if b == a {
-                    b = available[n - 1];
+                    b = n - 1;
                 }
-                let slots = &self.inner.slots;
-                Some(if slots[b].expected() < slots[a].expected() {
+                let best = if available[b].expected() < available[a].expected() {
                     b
                 } else {
                     a
-                })
+                };
+                available.into_iter().nth(best)
             }
         }
     }
@@ -317,7 +421,7 @@ impl Offload {
     pub fn slots(&self) -> Vec<ReplicaStatus> {
         let now = Instant::now();
         self.inner
-            .slots
+            .slots()
             .iter()
             .map(|s| ReplicaStatus {
                 endpoint: s.endpoint.clone(),
@@ -346,16 +450,10 @@ fn splitmix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-async fn keep_connected(
-    inner: Arc<Inner>,
-    index: usize,
-    server_name: String,
-    timeout: Duration,
-    backoff_min: Duration,
-    backoff_max: Duration,
-    stop: CancellationToken,
-) {
-    let slot = &inner.slots[index];
+async fn keep_connected(inner: Arc<Inner>, slot: Arc<Slot>) {
+    let (backoff_min, backoff_max) = (inner.backoff_min, inner.backoff_max);
+    let (server_name, timeout) = (inner.server_name.as_str(), inner.connect_timeout);
+    let stop = slot.stop.clone();
     let mut backoff = backoff_min;
     loop {
         let attempt = async {
@@ -364,9 +462,18 @@ async fn keep_connected(
                 .to_socket_addrs()?
                 .next()
                 .context("the name resolves to no address")?;
-            let conn = tokio::time::timeout(timeout, inner.endpoint.connect(addr, &server_name)?)
-                .await
-                .context("handshake timed out")??;
+            let client = inner
+                .client
+                .read()
+                .ok()
+                .and_then(|c| c.clone())
+                .context("no agent certificate yet")?;
+            let conn = tokio::time::timeout(
+                timeout,
+                inner.endpoint.connect_with(client, addr, server_name)?,
+            )
+            .await
+            .context("handshake timed out")??;
             anyhow::Ok(conn)
         };
         let result = tokio::select! {
@@ -382,7 +489,10 @@ async fn keep_connected(
                     *c = Some(conn.clone());
                 }
                 let reason = tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => {
+                        conn.close(0u32.into(), b"replica left the set");
+                        return;
+                    }
                     reason = conn.closed() => reason,
                 };
                 if let Ok(mut c) = slot.conn.lock() {
@@ -416,8 +526,7 @@ enum Failure {
     Broken(String),
 }
 
-async fn request(inner: &Inner, index: usize, job: Job, deadline: Instant, reserve: Duration) {
-    let slot = &inner.slots[index];
+async fn request(inner: &Inner, slot: &Slot, job: Job, deadline: Instant, reserve: Duration) {
     let model = &inner.models[job.model];
     let started = Instant::now();
     let budget = deadline

@@ -76,7 +76,7 @@ impl Router {
         };
         let deadline = job.created + self.slo;
         let slack = deadline.saturating_duration_since(now);
-        let estimate = offload.estimate(now);
+        let estimate = offload.estimate(offload.model_name(job.model), now);
         let queued = pool.queue_len();
         // Keep back enough time to run the window locally should the cloud fail: the wait
         // behind today's queue plus its own service, twice over for safety.
@@ -156,6 +156,21 @@ impl Router {
             in_flight: offload.in_flight(),
             replicas: offload.slots(),
         })
+    }
+
+    /// What the hub hears each heartbeat: the policy's state, the windows per second this
+    /// agent expects to send to replicas, and the requests out now.
+    pub fn heartbeat_figures(&self) -> (models::offload::Snapshot, f64, usize) {
+        (
+            self.policy.snapshot(),
+            self.policy.offload_demand(),
+            self.offload.as_ref().map_or(0, Offload::in_flight),
+        )
+    }
+
+    /// A handle to the offload client, for the hub session.
+    pub fn offload_handle(&self) -> Option<crate::offload::OffloadHandle> {
+        self.offload.as_ref().map(Offload::handle)
     }
 
     /// Takes the offload client out, to close it before the pool.

@@ -65,6 +65,12 @@ counters! {
     mqtt_connects,
     /// Connections to the broker lost or refused.
     mqtt_connection_errors,
+    /// Enrolments with the hub that succeeded.
+    hub_enrolments,
+    /// Sessions with the hub established.
+    hub_connects,
+    /// Hub sessions or enrolments that failed or ended.
+    hub_errors,
     /// Windows kept local with nothing to do.
     routed_local,
     /// Windows sent remote because the forecast says the agent will saturate.

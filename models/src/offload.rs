@@ -359,6 +359,24 @@ impl OffloadPolicy {
     }
 
     /// What the policy believes now.
+    /// Windows per second this agent expects to send to replicas at the horizon: what the
+    /// forecast (or, while spilling, the measured rate) puts above ρ_target·μ, once the
+    /// forecast crosses ρ_max·μ; zero otherwise and with offload off. The hub warms replicas
+    /// for the sum of these over its agents.
+    pub fn offload_demand(&self) -> f64 {
+        if self.settings.mode == Mode::Off {
+            return 0.0;
+        }
+        let mu = self.capacity();
+        let peak = self.lambda.max(self.lambda_hat);
+        if self.spilling || self.lambda_hat > self.settings.rho_max * mu {
+            (peak - self.settings.rho_target * mu).max(0.0)
+        } else {
+            0.0
+        }
+    }
+
+    /// The state now, for status reports.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             arrival_rate: self.lambda,
@@ -414,6 +432,27 @@ mod tests {
         let (remote, _) = drive(&mut p, &mut t, 50.0, 20.0);
         assert_eq!(remote, 0);
         assert!((p.snapshot().arrival_rate - 50.0).abs() < 5.0);
+    }
+
+    #[test]
+    fn offload_demand_is_what_the_burst_puts_above_the_target() {
+        let mut p = policy(Mode::Predictive);
+        let mut t = Instant::now();
+        drive(&mut p, &mut t, 50.0, 10.0);
+        assert_eq!(
+            p.offload_demand(),
+            0.0,
+            "below capacity nothing is asked of the hub"
+        );
+        drive(&mut p, &mut t, 300.0, 5.0);
+        // μ = 100, ρ_target = 0.7: 300 − 70 = 230 windows/s for the replicas.
+        let demand = p.offload_demand();
+        assert!((demand - 230.0).abs() < 25.0, "{demand}");
+        drive(&mut p, &mut t, 50.0, 5.0);
+        assert_eq!(p.offload_demand(), 0.0);
+        let mut off = policy(Mode::Off);
+        drive(&mut off, &mut t, 300.0, 5.0);
+        assert_eq!(off.offload_demand(), 0.0);
     }
 
     #[test]

@@ -89,6 +89,15 @@ pub struct Error {
     pub message: String,
 }
 
+/// A model and the version of it that runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelVersion {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: u32,
+}
+
 /// First message of a control session, from the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
@@ -96,10 +105,23 @@ pub struct Hello {
     pub protocol_version: u16,
     /// Agent software version.
     pub agent_version: String,
-    /// Agent name.
+    /// Agent name (its certificate's name).
     pub agent: String,
+    /// The site the agent belongs to.
+    pub site: String,
     /// Features the agent supports.
     pub capabilities: Vec<String>,
+    /// The models the agent runs.
+    pub models: Vec<ModelVersion>,
+}
+
+/// The replicas serving one model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSet {
+    /// Model name.
+    pub model: String,
+    /// Replica endpoints (`host:port`) ready to serve it; empty when none runs.
+    pub endpoints: Vec<String>,
 }
 
 /// The hub's answer to [`Hello`].
@@ -109,25 +131,65 @@ pub struct Welcome {
     pub protocol_version: u16,
     /// Hub software version.
     pub hub_version: String,
-    /// Replica endpoints (`host:port`).
-    pub replicas: Vec<String>,
+    /// How often the hub wants a [`Heartbeat`], ms.
+    pub heartbeat_ms: u32,
+    /// Replica endpoints for each model the hub serves.
+    pub replicas: Vec<ReplicaSet>,
     /// The hub's Ed25519 public key for model signatures.
     pub hub_public_key: Vec<u8>,
 }
 
-/// Periodic load report from an agent.
+/// Periodic report from an agent to the hub.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
+    /// Sequence number, from 0 for each session.
+    pub seq: u64,
     /// Arrival rate, windows per second.
     pub arrival_rate: f32,
     /// Local capacity, windows per second.
     pub capacity: f32,
     /// Forecast arrival rate at the warm-up horizon.
     pub forecast: f32,
+    /// Windows per second the agent expects to send to replicas at the horizon: the forecast
+    /// above what it will keep local. The hub warms replicas for it.
+    pub offload_demand: f32,
     /// Windows waiting locally.
     pub queue_depth: u32,
     /// Share of windows sent to replicas.
     pub offload_share: f32,
+    /// Requests at replicas now.
+    pub in_flight: u32,
+    /// Busy share of the gateway's CPUs, 0–1.
+    pub cpu: f32,
+    /// Resident memory of the agent, bytes.
+    pub memory_bytes: u64,
+    /// The models running and their versions.
+    pub models: Vec<ModelVersion>,
+    /// The agent's counters since start (name, value).
+    pub counters: Vec<(String, u64)>,
+}
+
+/// Asks the hub for a client certificate with a one-time token (sent on a connection
+/// without a client certificate; the only message such a connection may send).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enroll {
+    /// The token `cloud-hub enroll` printed.
+    pub token: String,
+    /// A PKCS#10 certificate signing request for the agent's own key (DER).
+    pub csr_der: Vec<u8>,
+}
+
+/// A granted enrolment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled {
+    /// The name the certificate carries (the token's agent).
+    pub agent: String,
+    /// The agent's certificate (PEM).
+    pub cert_pem: String,
+    /// The fleet CA certificate (PEM).
+    pub ca_pem: String,
+    /// The hub's Ed25519 public key for model signatures.
+    pub hub_public_key: Vec<u8>,
 }
 
 /// A replica's load, as it reports it when asked with [`Message::LoadQuery`].
@@ -174,8 +236,34 @@ pub enum Message {
     LoadQuery,
     /// A replica's load.
     Load(ReplicaLoad),
+    /// Hub → agent: the replicas of a model changed.
+    Replicas(ReplicaSet),
+    /// Agent → hub: a one-time token and a certificate request.
+    Enroll(Enroll),
+    /// Hub → agent: the certificate.
+    Enrolled(Enrolled),
     /// Answer with the same values, nothing run (measures the transport alone).
     Echo(Vec<f32>),
+}
+
+impl Message {
+    /// The variant's name, for logs and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::InferRequest(_) => "InferRequest",
+            Message::InferResponse(_) => "InferResponse",
+            Message::Error(_) => "Error",
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Heartbeat(_) => "Heartbeat",
+            Message::LoadQuery => "LoadQuery",
+            Message::Load(_) => "Load",
+            Message::Echo(_) => "Echo",
+            Message::Replicas(_) => "Replicas",
+            Message::Enroll(_) => "Enroll",
+            Message::Enrolled(_) => "Enrolled",
+        }
+    }
 }
 
 /// Why bytes could not be read as a frame.
@@ -330,7 +418,51 @@ mod tests {
                         protocol_version: v,
                         agent_version: "0.1.0".into(),
                         agent,
+                        site: "plant-1".into(),
                         capabilities,
+                        models: vec![ModelVersion {
+                            name: "bearing-cnn".into(),
+                            version: 3,
+                        }],
+                    })
+                }),
+            (
+                "[a-z-]{1,12}",
+                prop::collection::vec("[a-z0-9.:]{1,21}", 0..4)
+            )
+                .prop_map(|(model, endpoints)| {
+                    Message::Replicas(ReplicaSet { model, endpoints })
+                }),
+            (".{0,40}", prop::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(token, csr_der)| { Message::Enroll(Enroll { token, csr_der }) }),
+            (
+                ".{0,12}",
+                ".{0,80}",
+                prop::collection::vec(any::<u8>(), 0..32)
+            )
+                .prop_map(|(agent, cert_pem, hub_public_key)| {
+                    Message::Enrolled(Enrolled {
+                        agent,
+                        ca_pem: cert_pem.clone(),
+                        cert_pem,
+                        hub_public_key,
+                    })
+                }),
+            (
+                any::<u16>(),
+                prop::collection::vec("[a-z0-9.:]{1,21}", 0..4),
+                prop::collection::vec(any::<u8>(), 0..32)
+            )
+                .prop_map(|(heartbeat_ms, endpoints, hub_public_key)| {
+                    Message::Welcome(Welcome {
+                        protocol_version: PROTOCOL_VERSION,
+                        hub_version: "0.1.0".into(),
+                        heartbeat_ms: u32::from(heartbeat_ms),
+                        replicas: vec![ReplicaSet {
+                            model: "bearing-cnn".into(),
+                            endpoints,
+                        }],
+                        hub_public_key,
                     })
                 }),
             Just(Message::LoadQuery),
@@ -349,15 +481,30 @@ mod tests {
                     overloaded: n / 3,
                 })
             }),
-            (finite(), finite(), finite(), any::<u32>(), finite()).prop_map(|(a, c, f, q, o)| {
-                Message::Heartbeat(Heartbeat {
-                    arrival_rate: a,
-                    capacity: c,
-                    forecast: f,
-                    queue_depth: q,
-                    offload_share: o,
-                })
-            }),
+            (
+                (any::<u64>(), finite(), finite(), finite(), finite()),
+                (any::<u32>(), finite(), any::<u32>(), any::<u64>()),
+                prop::collection::vec(("[a-z_]{1,20}", any::<u64>()), 0..6)
+            )
+                .prop_map(|((seq, a, c, f, d), (q, o, inf, mem), counters)| {
+                    Message::Heartbeat(Heartbeat {
+                        seq,
+                        arrival_rate: a,
+                        capacity: c,
+                        forecast: f,
+                        offload_demand: d,
+                        queue_depth: q,
+                        offload_share: o,
+                        in_flight: inf,
+                        cpu: 0.25,
+                        memory_bytes: mem,
+                        models: vec![ModelVersion {
+                            name: "vibration-ae".into(),
+                            version: 1,
+                        }],
+                        counters,
+                    })
+                }),
         ]
     }
 
@@ -392,12 +539,9 @@ mod tests {
             code: ErrorCode::Overloaded,
             message: "busy".into(),
         });
-        let b = Message::Heartbeat(Heartbeat {
-            arrival_rate: 1.0,
-            capacity: 2.0,
-            forecast: 3.0,
-            queue_depth: 4,
-            offload_share: 0.5,
+        let b = Message::Replicas(ReplicaSet {
+            model: "bearing-cnn".into(),
+            endpoints: vec!["127.0.0.1:4433".into()],
         });
         let mut stream = encode(&a);
         stream.extend(encode(&b));

@@ -568,36 +568,7 @@ default_model = "{MODEL}"
 "#,
             port = self.broker.port()
         );
-        let listener = crate::Listener::start(self.broker.port(), "test", gateway).await?;
-        let agent = crate::Agent::start(&config, &[])?;
-        let pid = agent.pid().context("agent did not start")?;
-        let start = Instant::now();
-        loop {
-            if self.limit.add_threads(pid, "infer-")? > 0 {
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                bail!(
-                    "the agent started no inference thread; log:\n{}",
-                    agent.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if !listener
-            .wait_until(Duration::from_secs(20), |c| c.status.is_some())
-            .await
-        {
-            bail!("the agent published no status; log:\n{}", agent.log());
-        }
-        let publisher = Publisher::connect(self.broker.port()).await?;
-        Ok(Gateway {
-            name: gateway.to_owned(),
-            agent,
-            listener,
-            publisher,
-            reference: crate::reference(MODEL)?,
-        })
+        Gateway::start(self.broker.port(), Some(&self.limit), gateway, &config, &[]).await
     }
 }
 
@@ -654,6 +625,47 @@ impl Report {
 }
 
 impl Gateway {
+    /// Starts an agent for `gateway` with `config` (site `test`, model [`MODEL`]), its
+    /// inference threads under `limit` when given, and the MQTT clients that feed and watch it.
+    pub async fn start(
+        broker_port: u16,
+        limit: Option<&CpuLimit>,
+        gateway: &str,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Gateway> {
+        let listener = crate::Listener::start(broker_port, "test", gateway).await?;
+        let agent = crate::Agent::start(config, env)?;
+        let pid = agent.pid().context("agent did not start")?;
+        let start = Instant::now();
+        while let Some(limit) = limit {
+            if limit.add_threads(pid, "infer-")? > 0 {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "the agent started no inference thread; log:\n{}",
+                    agent.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !listener
+            .wait_until(Duration::from_secs(20), |c| c.status.is_some())
+            .await
+        {
+            bail!("the agent published no status; log:\n{}", agent.log());
+        }
+        let publisher = Publisher::connect(broker_port).await?;
+        Ok(Gateway {
+            name: gateway.to_owned(),
+            agent,
+            listener,
+            publisher,
+            reference: crate::reference(MODEL)?,
+        })
+    }
+
     /// Feeds steady load and reads the agent's own capacity estimate (windows per second).
     pub async fn calibrate(&self, rate: f64, length: Duration) -> anyhow::Result<(f64, Vec<Sent>)> {
         let sent = self.drive(&[(rate, length)]).await?;

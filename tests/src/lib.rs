@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod fleet;
+pub mod hub;
 
 use anyhow::{Context, bail};
 use protocol::edge::{InferenceResult, Status};
