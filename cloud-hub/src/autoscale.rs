@@ -29,6 +29,9 @@ pub struct ScalerSettings {
     pub idle_secs: f64,
     /// Requests per second one replica serves until it has been measured.
     pub default_capacity: f64,
+    /// Whether the agents' forecast demand raises the count (false: measured load only, as
+    /// a reactive autoscaler would).
+    pub predictive: bool,
 }
 
 impl Default for ScalerSettings {
@@ -40,6 +43,7 @@ impl Default for ScalerSettings {
             stable_secs: 60.0,
             idle_secs: 30.0,
             default_capacity: 100.0,
+            predictive: true,
         }
     }
 }
@@ -128,12 +132,17 @@ impl Scaler {
             },
         );
         let per_replica = capacity * s.target_utilisation;
-        let predictive = if input.forecast_demand > 0.0 {
-            (input.forecast_demand / per_replica).ceil() as usize
+        let forecast = if s.predictive {
+            input.forecast_demand
+        } else {
+            0.0
+        };
+        let predictive = if forecast > 0.0 {
+            (forecast / per_replica).ceil() as usize
         } else {
             0
         };
-        if input.measured_rate > 0.0 || input.forecast_demand > 0.0 || input.queued > 0.0 {
+        if input.measured_rate > 0.0 || forecast > 0.0 || input.queued > 0.0 {
             self.last_demand = Some(now);
         }
         let mut desired = reactive.max(predictive);
@@ -154,7 +163,7 @@ impl Scaler {
             )
         };
         // While anyone expects to spill, keep at least one replica warm.
-        if input.forecast_demand > 0.0 {
+        if forecast > 0.0 {
             desired = desired.max(1);
         }
         desired = desired.clamp(s.min, s.max.max(s.min));
@@ -182,6 +191,7 @@ mod tests {
             stable_secs: 10.0,
             idle_secs: 5.0,
             default_capacity: 100.0,
+            predictive: true,
         }
     }
 
@@ -243,5 +253,15 @@ mod tests {
         }
         let d = scaler.decide(6.0, input(0.0, 10_000.0, 6));
         assert_eq!(d.desired, 6, "max holds");
+    }
+
+    #[test]
+    fn a_reactive_scaler_ignores_the_forecast() {
+        let mut scaler = Scaler::new(ScalerSettings {
+            predictive: false,
+            ..settings()
+        });
+        let d = scaler.decide(1.0, input(0.0, 150.0, 0));
+        assert_eq!((d.predictive, d.desired), (0, 0));
     }
 }

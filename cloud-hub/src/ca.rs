@@ -88,19 +88,44 @@ pub fn issue(
     hosts: &[String],
     now: SystemTime,
 ) -> anyhow::Result<Issued> {
-    check_name(name)?;
-    let issuer = load_issuer(ca_dir)?;
-    let params = leaf_params(name, role, hosts, now)?;
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
+    let (cert_pem, key_pem) = Signer::open(ca_dir)?.issue(name, role, hosts, now)?;
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let paths = Issued {
         cert: out_dir.join(format!("{name}.pem")),
         key: out_dir.join(format!("{name}.key")),
     };
-    write_new(&paths.key, key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&paths.cert, cert.pem().as_bytes(), 0o644)?;
+    write_new(&paths.key, key_pem.as_bytes(), 0o600)?;
+    write_new(&paths.cert, cert_pem.as_bytes(), 0o644)?;
     Ok(paths)
+}
+
+/// The CA loaded once, for issuing many certificates in memory (load generators, tests).
+pub struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Signer {
+    /// Loads the CA in `ca_dir`.
+    pub fn open(ca_dir: &Path) -> anyhow::Result<Signer> {
+        Ok(Signer {
+            issuer: load_issuer(ca_dir)?,
+        })
+    }
+
+    /// A new key and a certificate for it: `(certificate PEM, key PEM)`.
+    pub fn issue(
+        &self,
+        name: &str,
+        role: Role,
+        hosts: &[String],
+        now: SystemTime,
+    ) -> anyhow::Result<(String, String)> {
+        check_name(name)?;
+        let params = leaf_params(name, role, hosts, now)?;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
 }
 
 /// Signs an agent's certificate signing request (DER) for `name`: the certificate carries

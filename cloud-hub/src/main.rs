@@ -169,6 +169,10 @@ struct ServeArgs {
     /// Inference threads per replica.
     #[arg(long, default_value_t = 1)]
     replica_workers: usize,
+    /// `predictive`: replicas for the agents' forecast demand too; `reactive`: for the
+    /// replicas' measured load only.
+    #[arg(long, default_value = "predictive", value_parser = ["predictive", "reactive"])]
+    scaling: String,
     /// Heartbeat period asked of agents, ms.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u32,
@@ -396,6 +400,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stable_secs: args.stable_secs,
         idle_secs: args.idle_secs,
         default_capacity: args.replica_capacity,
+        predictive: args.scaling == "predictive",
         ..ScalerSettings::default()
     };
     let models = args

@@ -49,6 +49,10 @@ pub struct ModelSpec {
 pub trait Instance: Send {
     /// A short id for logs and the API.
     fn id(&self) -> &str;
+    /// The operating-system process, where there is one.
+    fn pid(&self) -> Option<u32> {
+        None
+    }
     /// The `host:port` it serves on, once it says so.
     fn endpoint(&mut self) -> Option<String>;
     /// Why it ended, once it has.
@@ -162,6 +166,10 @@ impl Instance for Process {
         &self.id
     }
 
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     fn endpoint(&mut self) -> Option<String> {
         self.endpoint.lock().ok()?.clone()
     }
@@ -201,6 +209,8 @@ pub struct ReplicaView {
     pub model: String,
     /// `host:port`, once known.
     pub endpoint: Option<String>,
+    /// Its process, for the process backend.
+    pub pid: Option<u32>,
     /// `starting` or `ready`.
     pub state: &'static str,
     /// Seconds since it was started.
@@ -672,6 +682,7 @@ fn publish_views(pools: &[Pool], snapshot: &Mutex<Snapshot>) {
                 id: r.instance.id().to_owned(),
                 model: p.spec.name.clone(),
                 endpoint: r.endpoint.clone(),
+                pid: r.instance.pid(),
                 state: if r.conn.is_some() {
                     "ready"
                 } else {

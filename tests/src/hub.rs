@@ -62,6 +62,11 @@ impl HubProcess {
         })
     }
 
+    /// The hub's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The hub's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -272,4 +277,171 @@ reconnect_max_ms = 1000
         model = crate::fleet::MODEL,
         state = state_dir.display()
     )
+}
+
+/// What a [`burst`] run showed.
+#[derive(Debug)]
+pub struct BurstOutcome {
+    /// The slow gateway's capacity, windows per second.
+    pub mu: f64,
+    /// Every window of the slow gateway, checked.
+    pub report: crate::fleet::Report,
+    /// The slow gateway's counters at the end.
+    pub counters: std::collections::BTreeMap<String, u64>,
+    /// Replicas ready while there was no burst yet (steady load below capacity).
+    pub ready_before: u64,
+    /// Seconds from the start of the ramp to the first ready replica.
+    pub first_ready: Option<f64>,
+    /// Most replicas ready at once.
+    pub peak: u64,
+    /// The hub's scaling decisions.
+    pub decisions: serde_json::Value,
+    /// Seconds after the burst until no replica was left (`None`: not within 30 s).
+    pub back_to_zero: Option<f64>,
+    /// The ramp's length: seconds from its start to its peak rate.
+    pub ramp_secs: f64,
+}
+
+/// Seconds of the burst profile: calm, ramp, peak, calm.
+const CALM: f64 = 2.0;
+const RAMP: f64 = 8.0;
+const PEAK: f64 = 8.0;
+
+/// The hub scaling scenario: a hub scaling `bearing-cnn` replicas from zero (`scaling`:
+/// `predictive` or `reactive`), three agents reporting to it with predictive offload, one of
+/// them a slow gateway under `limit`. The slow gateway's load ramps from 0.3 μ to 2.5 μ
+/// over 8 s, holds 8 s and falls to 0.2 μ; the other two send 20 windows/s each.
+pub async fn burst(
+    broker: &crate::Broker,
+    limit: &crate::fleet::CpuLimit,
+    scaling: &str,
+    slo: Duration,
+) -> anyhow::Result<BurstOutcome> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::fleet::Gateway;
+
+    let secs = Duration::from_secs_f64;
+    let hub = Arc::new(HubProcess::start(&[
+        "--model",
+        "bearing-cnn",
+        "--scaling",
+        scaling,
+        "--min-replicas",
+        "0",
+        "--max-replicas",
+        "4",
+        "--stable-secs",
+        "6",
+        "--idle-secs",
+        "3",
+        "--tick-ms",
+        "500",
+        "--heartbeat-ms",
+        "250",
+        "--replica-capacity",
+        "1000",
+    ])?);
+    let offload = format!(
+        "[offload]\nmode = \"predictive\"\nslo_ms = {}\n",
+        slo.as_millis()
+    );
+    let names = ["gw-burst", "gw-calm-1", "gw-calm-2"];
+    let mut gateways = Vec::new();
+    let mut states = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let token = hub.enroll(name, 600)?;
+        let state = tempfile::tempdir()?;
+        let config = hub_agent_config(broker.port(), name, hub.control, state.path(), &offload);
+        let gw = Gateway::start(
+            broker.port(),
+            (i == 0).then_some(limit),
+            name,
+            &config,
+            &[("SPILLWAY__HUB__TOKEN", token.as_str())],
+        )
+        .await?;
+        gateways.push(gw);
+        states.push(state);
+    }
+    let online = {
+        let hub = Arc::clone(&hub);
+        tokio::task::spawn_blocking(move || {
+            hub.wait(secs(20.0), |h| names.iter().all(|n| h.online(n)))
+        })
+        .await?
+    };
+    if online.is_none() {
+        bail!("agents did not come online:\n{}", hub.log());
+    }
+    let burst = &gateways[0];
+    let (mu, warm) = burst.calibrate(40.0, secs(3.0)).await?;
+    let ready_before = models(&hub).0;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let hub = Arc::clone(&hub);
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut samples = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                samples.push((start.elapsed().as_secs_f64(), models(&hub).0));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            samples
+        })
+    };
+    let mut profile = vec![(0.3 * mu, secs(CALM))];
+    for step in 1..=16 {
+        profile.push(((0.3 + 2.2 * f64::from(step) / 16.0) * mu, secs(RAMP / 16.0)));
+    }
+    profile.push((2.5 * mu, secs(PEAK)));
+    profile.push((0.2 * mu, secs(3.0)));
+    let calm = [(20.0, secs(CALM + RAMP + PEAK + 3.0))];
+    let (burst_sent, calm1, calm2) = tokio::join!(
+        burst.drive(&profile),
+        gateways[1].drive(&calm),
+        gateways[2].drive(&calm)
+    );
+    let mut sent = warm;
+    sent.extend(burst_sent?);
+    calm1?;
+    calm2?;
+    let report = burst.collect(&sent, secs(60.0)).await;
+    let ended = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    let samples = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("the watcher panicked"))?;
+    let first_ready = samples.iter().find(|s| s.1 > 0).map(|s| s.0 - CALM);
+    let peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    let decisions = hub.get("/api/v1/decisions")?;
+    let back = {
+        let hub = Arc::clone(&hub);
+        tokio::task::spawn_blocking(move || hub.wait(secs(30.0), |h| models(h) == (0, 0))).await?
+    };
+    Ok(BurstOutcome {
+        mu,
+        counters: burst.counters(),
+        report,
+        ready_before,
+        first_ready,
+        peak,
+        decisions,
+        back_to_zero: back.map(|_| ended.elapsed().as_secs_f64()),
+        ramp_secs: RAMP,
+    })
+}
+
+/// (ready, existing) replicas of the hub's first model.
+pub fn models(hub: &HubProcess) -> (u64, u64) {
+    hub.get("/api/v1/models")
+        .ok()
+        .and_then(|m| {
+            let m = m.as_array()?.first()?.clone();
+            Some((m["ready"].as_u64()?, m["replicas"].as_u64()?))
+        })
+        .unwrap_or((0, 0))
 }

@@ -383,3 +383,52 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+#[test]
+fn a_crashed_replica_is_replaced() -> anyhow::Result<()> {
+    let hub = HubProcess::start(&[
+        "--model",
+        "bearing-cnn",
+        "--min-replicas",
+        "1",
+        "--tick-ms",
+        "300",
+    ])?;
+    let ready = |h: &HubProcess| -> Option<(u64, u64)> {
+        let r = h.get("/api/v1/replicas").ok()?;
+        let r = r.as_array()?.first()?.clone();
+        (r["state"] == "ready")
+            .then(|| r["pid"].as_u64())
+            .flatten()
+            .map(|pid| (pid, 0))
+    };
+    assert!(
+        hub.wait(Duration::from_secs(20), |h| ready(h).is_some())
+            .is_some(),
+        "min-replicas 1 never got a ready replica:\n{}",
+        hub.log()
+    );
+    let (pid, _) = ready(&hub).expect("ready");
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()?
+            .success()
+    );
+    let replaced = hub.wait(Duration::from_secs(20), |h| {
+        ready(h).is_some_and(|(p, _)| p != pid)
+    });
+    assert!(
+        replaced.is_some(),
+        "the crashed replica was not replaced:\n{}",
+        hub.log()
+    );
+    let models = hub.get("/api/v1/models")?;
+    assert_eq!(models[0]["restarts"], 1, "{models}");
+    let metrics = hub.get_text("/metrics")?;
+    assert!(
+        metrics.contains("spillway_hub_replica_restarts_total 1"),
+        "{metrics}"
+    );
+    Ok(())
+}
