@@ -29,8 +29,9 @@ pub struct ScalerSettings {
     pub idle_secs: f64,
     /// Requests per second one replica serves until it has been measured.
     pub default_capacity: f64,
-    /// Whether the agents' forecast demand raises the count (false: measured load only, as
-    /// a reactive autoscaler would).
+    /// Whether the agents' demand input is their forecast (true) or only the load they cannot
+    /// serve now (false: a reactive autoscaler whose activator sees the overflow, as Knative's
+    /// does; without it nothing would ever scale from zero).
     pub predictive: bool,
 }
 
@@ -55,7 +56,8 @@ pub struct ScaleInput {
     pub measured_rate: f64,
     /// Requests waiting at the replicas.
     pub queued: f64,
-    /// Windows per second the agents forecast they will send.
+    /// Windows per second the agents want from the replicas: at their forecast horizon
+    /// (predictive) or now (reactive).
     pub forecast_demand: f64,
     /// Replicas ready to serve.
     pub ready: usize,
@@ -91,6 +93,8 @@ pub struct Scaler {
     kpa: Kpa,
     /// Last time any demand (measured or forecast) was seen.
     last_demand: Option<f64>,
+    /// Recent forecast-driven counts, for the scale-in stabilisation.
+    recent: std::collections::VecDeque<(f64, usize)>,
 }
 
 impl Scaler {
@@ -105,6 +109,7 @@ impl Scaler {
             settings,
             kpa,
             last_demand: None,
+            recent: std::collections::VecDeque::new(),
         }
     }
 
@@ -132,11 +137,7 @@ impl Scaler {
             },
         );
         let per_replica = capacity * s.target_utilisation;
-        let forecast = if s.predictive {
-            input.forecast_demand
-        } else {
-            0.0
-        };
+        let forecast = input.forecast_demand;
         let predictive = if forecast > 0.0 {
             (forecast / per_replica).ceil() as usize
         } else {
@@ -145,13 +146,31 @@ impl Scaler {
         if input.measured_rate > 0.0 || forecast > 0.0 || input.queued > 0.0 {
             self.last_demand = Some(now);
         }
-        let mut desired = reactive.max(predictive);
+        // The forecast's count holds for the stable window (as Kubernetes' scale-down
+        // stabilisation does): a forecast that dips for a tick must not stop replicas that
+        // are still starting for it. The KPA has its own windows for the measured load.
+        self.recent.push_back((now, predictive));
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| now - t >= s.stable_secs)
+        {
+            self.recent.pop_front();
+        }
+        let held = self.recent.iter().map(|(_, d)| *d).max().unwrap_or(0);
+        let mut desired = reactive.max(held);
         let idle_for = self.last_demand.map_or(f64::INFINITY, |t| now - t);
         let reason = if predictive > reactive {
             format!(
-                "agents forecast {:.1}/s for the replicas: {predictive} at {:.0} % of {capacity:.0}/s each",
+                "agents {} {:.1}/s for the replicas: {predictive} at {:.0} % of {capacity:.0}/s each",
+                if s.predictive { "forecast" } else { "overflow" },
                 input.forecast_demand,
                 s.target_utilisation * 100.0
+            )
+        } else if held > reactive {
+            format!(
+                "holding {held} for the agents' forecast of the last {:.0} s",
+                s.stable_secs
             )
         } else if desired == 0 && input.replicas > 0 {
             format!("no demand for {idle_for:.0} s: scale to zero")
@@ -214,6 +233,8 @@ mod tests {
         assert_eq!(d.predictive, 3, "150/s at 70 % of 100/s");
         assert_eq!(d.desired, 3);
         assert!(d.reason.contains("forecast"), "{}", d.reason);
+        // The forecast dips for a tick: the replicas starting for it stay.
+        assert_eq!(scaler.decide(2.0, input(0.0, 0.0, 0)).desired, 3);
     }
 
     #[test]
@@ -256,12 +277,13 @@ mod tests {
     }
 
     #[test]
-    fn a_reactive_scaler_ignores_the_forecast() {
+    fn a_reactive_scaler_says_it_scales_on_overflow() {
         let mut scaler = Scaler::new(ScalerSettings {
             predictive: false,
             ..settings()
         });
         let d = scaler.decide(1.0, input(0.0, 150.0, 0));
-        assert_eq!((d.predictive, d.desired), (0, 0));
+        assert_eq!(d.desired, 3);
+        assert!(d.reason.contains("overflow"), "{}", d.reason);
     }
 }

@@ -220,6 +220,17 @@ impl Fleet {
     /// The windows per second online agents running `model` expect to send to replicas. An
     /// agent's demand is split evenly over the served models it runs.
     pub fn offload_demand(&self, model: &str, served: &[String]) -> f64 {
+        self.share(model, served, |hb| hb.offload_demand.max(0.0))
+    }
+
+    /// The windows per second online agents running `model` receive beyond their capacity
+    /// now (what a reactive autoscaler's activator would see), split like
+    /// [`Fleet::offload_demand`].
+    pub fn overflow(&self, model: &str, served: &[String]) -> f64 {
+        self.share(model, served, |hb| (hb.arrival_rate - hb.capacity).max(0.0))
+    }
+
+    fn share(&self, model: &str, served: &[String], of: impl Fn(&Heartbeat) -> f32) -> f64 {
         self.agents
             .values()
             .filter(|s| s.online)
@@ -232,9 +243,14 @@ impl Fleet {
                     .filter(|n| served.iter().any(|s| s == n))
                     .collect();
                 runs.contains(&model)
-                    .then(|| f64::from(hb.offload_demand.max(0.0)) / runs.len() as f64)
+                    .then(|| f64::from(of(hb)) / runs.len() as f64)
             })
             .sum()
+    }
+
+    /// Whether `agent` is online.
+    pub fn is_online(&self, agent: &str) -> bool {
+        self.agents.get(agent).is_some_and(|s| s.online)
     }
 
     /// Online and known agents.

@@ -140,7 +140,7 @@ impl Hub {
     pub fn heartbeat(&self, agent: &str, id: u64, heartbeat: Heartbeat) {
         let was_offline = {
             let mut fleet = self.fleet();
-            let was = fleet.view(agent).is_some_and(|a| !a.online);
+            let was = !fleet.is_online(agent);
             fleet.heartbeat(agent, id, heartbeat, unix_ms());
             was
         };
@@ -232,7 +232,15 @@ pub async fn run(
     ));
     let demand_hub = Arc::clone(&hub);
     let served = hub.served_models();
-    let demand = Arc::new(move |model: &str| demand_hub.fleet().offload_demand(model, &served));
+    let predictive = hub.settings.models.iter().all(|m| m.scaler.predictive);
+    let demand = Arc::new(move |model: &str| {
+        let fleet = demand_hub.fleet();
+        if predictive {
+            fleet.offload_demand(model, &served)
+        } else {
+            fleet.overflow(model, &served)
+        }
+    });
     let manager = tokio::spawn(replicas::run(
         backend,
         hub.settings.models.clone(),

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod autoscale;
 pub mod ca;
+pub mod cli;
 pub mod client;
 pub mod fleet;
 pub mod hub;

@@ -10,11 +10,10 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use cloud_hub::autoscale::ScalerSettings;
 use cloud_hub::ca::{self, Role};
 use cloud_hub::hub::HubSettings;
-use cloud_hub::replica::{ModelSource, Replica, ReplicaConfig};
+use cloud_hub::replica::ModelSource;
 use cloud_hub::replicas::ModelSpec;
 use cloud_hub::simulate::{self, PolicyKind, Scenario};
 use cloud_hub::state::HubDir;
-use cloud_hub::tls::TlsFiles;
 use models::sim::SimConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -67,7 +66,7 @@ enum Command {
         command: CaCommand,
     },
     /// Serve one model to agents over QUIC (mutual TLS against the fleet CA).
-    Replica(ReplicaArgs),
+    Replica(cloud_hub::cli::ReplicaArgs),
     /// Load and run every sample model, and list them.
     Zoo,
     /// Compare scaling policies on synthetic and shared workloads in the simulator.
@@ -169,8 +168,8 @@ struct ServeArgs {
     /// Inference threads per replica.
     #[arg(long, default_value_t = 1)]
     replica_workers: usize,
-    /// `predictive`: replicas for the agents' forecast demand too; `reactive`: for the
-    /// replicas' measured load only.
+    /// `predictive`: replicas for the agents' forecast demand too; `reactive`: for the load
+    /// the replicas and the agents see now.
     #[arg(long, default_value = "predictive", value_parser = ["predictive", "reactive"])]
     scaling: String,
     /// Heartbeat period asked of agents, ms.
@@ -185,52 +184,6 @@ struct ServeArgs {
     /// The replica manager's tick, ms.
     #[arg(long, default_value_t = 1000)]
     tick_ms: u64,
-}
-
-#[derive(Debug, ClapArgs)]
-struct ReplicaArgs {
-    /// UDP address to listen on; port 0 picks a free one (printed at start).
-    #[arg(long, default_value = "127.0.0.1:4433")]
-    listen: SocketAddr,
-    /// A sample model to serve.
-    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
-    zoo: Option<String>,
-    /// An ONNX file to serve.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// The model name agents ask for (default: the zoo name or the file stem).
-    #[arg(long)]
-    name: Option<String>,
-    /// Model version reported in responses.
-    #[arg(long, default_value_t = 1)]
-    version: u32,
-    /// Input shape, comma-separated, where the model leaves dimensions open.
-    #[arg(long, value_delimiter = ',')]
-    input_shape: Vec<usize>,
-    /// Inference threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    workers: usize,
-    /// Requests that may wait for a thread.
-    #[arg(long, default_value_t = 256)]
-    queue: usize,
-    /// Most simultaneous connections.
-    #[arg(long, default_value_t = 1024)]
-    max_connections: usize,
-    /// Largest request frame, bytes.
-    #[arg(long, default_value_t = protocol::frame::DEFAULT_MAX_FRAME)]
-    max_frame: usize,
-    /// How long a shutdown waits for open requests, ms.
-    #[arg(long, default_value_t = 5000)]
-    drain_ms: u64,
-    /// The fleet CA certificate.
-    #[arg(long, default_value = "spillway-ca/ca.pem")]
-    ca: PathBuf,
-    /// This replica's certificate.
-    #[arg(long, default_value = "spillway-ca/replica.pem")]
-    cert: PathBuf,
-    /// This replica's key.
-    #[arg(long, default_value = "spillway-ca/replica.key")]
-    key: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -296,7 +249,7 @@ fn main() -> anyhow::Result<()> {
                 println!("key:         {}", paths.key.display());
             }
         },
-        Command::Replica(args) => replica(args)?,
+        Command::Replica(args) => cloud_hub::cli::replica(args)?,
         Command::Zoo => {
             println!("| model | input shape | outputs | score of a zero window |");
             println!("| --- | --- | --- | --- |");
@@ -383,17 +336,8 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn logs() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    logs();
+    cloud_hub::cli::logs();
     let scaler = ScalerSettings {
         min: args.min_replicas,
         max: args.max_replicas,
@@ -440,7 +384,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        tokio::spawn(cloud_hub::cli::stop_on_signal(shutdown.clone()));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let hub = tokio::spawn(cloud_hub::hub::run(settings, ready_tx, shutdown.clone()));
         if let Ok(bound) = ready_rx.await {
@@ -450,62 +394,4 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         hub.await?
     })
-}
-
-fn replica(args: ReplicaArgs) -> anyhow::Result<()> {
-    logs();
-    let workers = match args.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let config = ReplicaConfig {
-        listen: args.listen,
-        model: match (args.zoo, args.model) {
-            (Some(zoo), _) => ModelSource::Zoo(zoo),
-            (None, Some(path)) => ModelSource::Path(path),
-            (None, None) => anyhow::bail!("say --zoo NAME or --model FILE"),
-        },
-        name: args.name,
-        version: args.version,
-        input_shape: (!args.input_shape.is_empty()).then_some(args.input_shape),
-        workers,
-        queue: args.queue,
-        max_connections: args.max_connections,
-        max_frame: args.max_frame,
-        drain: Duration::from_millis(args.drain_ms),
-        tls: TlsFiles {
-            ca: args.ca,
-            cert: args.cert,
-            key: args.key,
-        },
-    };
-    // One thread moves the packets; inference has threads of its own. Fewer cross-thread
-    // wake-ups per request than a multi-threaded runtime.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let replica = Replica::bind(&config)?;
-        let addr = replica.local_addr()?;
-        // One line on stdout, for scripts and test harnesses that asked for port 0.
-        println!("listening on {addr} model {}", replica.model_name());
-        tracing::info!(%addr, model = replica.model_name(), workers, "replica serving");
-        let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
-        let summary = replica.serve(shutdown).await?;
-        tracing::info!(?summary, "replica stopped");
-        anyhow::Ok(())
-    })
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    shutdown.cancel();
 }
