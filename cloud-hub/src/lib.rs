@@ -1,13 +1,17 @@
-//! Spillway's cloud side.
+//! Spillway's cloud side: the fleet's control plane and the replicas it runs.
 //!
-//! The hub grows into the fleet's control plane (agent sessions, replicas, model rollouts,
-//! dashboard). Today it carries the pieces the fleet's data path needs: [`ca`], the fleet's
-//! certificate authority (every QUIC connection is mutual TLS against it, set up by [`tls`]);
-//! [`replica`], the inference server agents offload to, one QUIC stream per request with a
-//! bounded queue and deadlines; a check that the sample models load and run with the same
-//! runner the agents use; and [`simulate`], which compares the scaling policies and
-//! forecasters of `models` in the deterministic simulator before they are trusted with real
-//! replicas.
+//! [`hub::run`] wires the pieces. [`session`] holds one QUIC connection per agent (mutual TLS
+//! against the fleet CA of [`ca`], set up by [`tls`]; agents without a certificate may only
+//! enrol with a one-time token from [`registry`]). [`fleet`] is the live view, a pure state
+//! machine fed by hellos, heartbeats and the clock, persisted to SQLite in batches by
+//! [`registry`]. [`replicas`] starts and watches replica processes through a [`replicas::Backend`]
+//! and scales them with [`autoscale`], a pure scaler that raises Knative's KPA (from
+//! `models::policy`) to what the agents' own forecasts ask for, so replicas warm up before a
+//! burst arrives; ready sets are pushed to every session. [`api`] serves the JSON API,
+//! Prometheus metrics and the dashboard. [`replica`] is the inference server agents offload to
+//! (one QUIC stream per request, bounded queue, deadlines), [`cli`] its command line, and
+//! [`simulate`] compares the scaling policies and forecasters of `models` in the deterministic
+//! simulator before they are trusted with real replicas. State on disk lives in [`state`].
 
 pub mod api;
 pub mod autoscale;
