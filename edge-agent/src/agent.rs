@@ -174,17 +174,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let hub_task = config.hub.endpoint.as_ref().map(|hub| {
         tracing::info!(%hub, "reporting to the hub");
         let offload = lock(&router).offload_handle();
+        let versions: Vec<ModelVersion> = models
+            .iter()
+            .map(|m| ModelVersion {
+                name: m.name.to_string(),
+                version: m.version,
+            })
+            .collect();
         let context = HubContext {
             config: config.hub.clone(),
             agent: config.agent.gateway.clone(),
             site: config.agent.site.clone(),
-            models: models
-                .iter()
-                .map(|m| ModelVersion {
-                    name: m.name.to_string(),
-                    version: m.version,
-                })
-                .collect(),
+            models: versions.clone(),
             offload,
             report: Box::new(
                 HeartbeatSource {
@@ -192,13 +193,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                     queue: pool.probe(),
                     shared: Arc::clone(&shared),
                     router: Arc::clone(&router),
-                    models: models
-                        .iter()
-                        .map(|m| ModelVersion {
-                            name: m.name.to_string(),
-                            version: m.version,
-                        })
-                        .collect(),
+                    models: versions,
                     last: (0, 0),
                 }
                 .into_fn(),
