@@ -5,6 +5,9 @@
 //! (Unix ms) passed in, and [`Fleet::sweep`] turns silence into "offline" — an agent is online
 //! while its session is open and its last heartbeat is younger than `offline_after_ms`.
 //! Records that changed are handed to the [`crate::registry`] in batches ([`Fleet::take_dirty`]).
+//! A heartbeat alone moves an agent's stored "last seen" at most every [`SEEN_PERSIST_MS`]:
+//! the live value is in memory, and a fleet of thousands should not rewrite every row every
+//! second. Going offline, a new session and changed models are stored at the next batch.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,6 +15,9 @@ use protocol::frame::{Heartbeat, Hello};
 use serde::Serialize;
 
 use crate::registry::AgentRecord;
+
+/// How stale the stored "last seen" of an online agent may get.
+pub const SEEN_PERSIST_MS: i64 = 30_000;
 
 /// One agent.
 #[derive(Debug, Clone)]
@@ -23,6 +29,8 @@ struct AgentState {
     heartbeat: Option<Heartbeat>,
     heartbeats: u64,
     dirty: bool,
+    /// `record.last_seen` as last handed to the registry.
+    saved_seen: i64,
 }
 
 /// An agent as the API shows it.
@@ -98,6 +106,7 @@ impl Fleet {
                 (
                     record.name.clone(),
                     AgentState {
+                        saved_seen: record.last_seen,
                         record,
                         session: None,
                         online: false,
@@ -150,6 +159,7 @@ impl Fleet {
                 heartbeat: None,
                 heartbeats: 0,
                 dirty: true,
+                saved_seen: now,
             })
     }
 
@@ -168,19 +178,22 @@ impl Fleet {
         if state.session != Some(session) {
             return false;
         }
-        if !heartbeat.models.is_empty() {
+        if !heartbeat.models.is_empty() && !same_models(&state.record.models, &heartbeat) {
             state.record.models = heartbeat
                 .models
                 .iter()
                 .map(|m| format!("{}@{}", m.name, m.version))
                 .collect::<Vec<_>>()
                 .join(",");
+            state.dirty = true;
         }
         state.heartbeat = Some(heartbeat);
         state.heartbeats += 1;
         state.record.last_seen = now;
+        if !state.online || now - state.saved_seen >= SEEN_PERSIST_MS {
+            state.dirty = true;
+        }
         state.online = true;
-        state.dirty = true;
         true
     }
 
@@ -192,6 +205,7 @@ impl Fleet {
             state.session = None;
             state.online = false;
             state.heartbeat = None;
+            state.dirty = true;
         }
     }
 
@@ -202,6 +216,7 @@ impl Fleet {
             if state.online && now - state.record.last_seen > self.offline_after_ms {
                 state.online = false;
                 state.heartbeat = None;
+                state.dirty = true;
                 t.offline.push(name.clone());
             }
         }
@@ -213,8 +228,21 @@ impl Fleet {
     pub fn take_dirty(&mut self) -> Vec<AgentRecord> {
         self.agents
             .values_mut()
-            .filter_map(|s| std::mem::take(&mut s.dirty).then(|| s.record.clone()))
+            .filter_map(|s| {
+                std::mem::take(&mut s.dirty).then(|| {
+                    s.saved_seen = s.record.last_seen;
+                    s.record.clone()
+                })
+            })
             .collect()
+    }
+
+    /// Every record whose stored "last seen" is behind, for a final write at shutdown.
+    pub fn take_unsaved(&mut self) -> Vec<AgentRecord> {
+        for s in self.agents.values_mut() {
+            s.dirty |= s.record.last_seen != s.saved_seen;
+        }
+        self.take_dirty()
     }
 
     /// The windows per second online agents running `model` expect to send to replicas. An
@@ -298,6 +326,17 @@ fn view(s: &AgentState) -> AgentView {
     }
 }
 
+/// Whether `label` (`name@version,…`) lists exactly the heartbeat's models, in order.
+fn same_models(label: &str, heartbeat: &Heartbeat) -> bool {
+    let mut parts = label.split(',');
+    heartbeat.models.iter().all(|m| {
+        parts.next().is_some_and(|p| {
+            p.split_once('@')
+                .is_some_and(|(n, v)| n == m.name && v.parse() == Ok(m.version))
+        })
+    }) && parts.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,5 +418,33 @@ mod tests {
         assert_eq!(fleet.offload_demand("bearing-cnn", &served), 25.0);
         assert_eq!(fleet.take_dirty().len(), 3);
         assert!(fleet.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn heartbeats_reach_the_registry_only_when_something_worth_storing_changed() {
+        let mut fleet = Fleet::new(vec![], 3_000);
+        fleet.hello(&hello("gw-1"), 1, 0);
+        assert_eq!(fleet.take_dirty().len(), 1, "a new session is stored");
+        fleet.heartbeat("gw-1", 1, beat(0.0), 1_000);
+        assert!(
+            fleet.take_dirty().is_empty(),
+            "same models, last seen fresh enough"
+        );
+        let mut upgraded = beat(0.0);
+        upgraded.models[0].version = 2;
+        fleet.heartbeat("gw-1", 1, upgraded.clone(), 2_000);
+        let stored = fleet.take_dirty();
+        assert_eq!(stored[0].models, "bearing-cnn@2");
+        fleet.heartbeat("gw-1", 1, upgraded.clone(), 2_000 + SEEN_PERSIST_MS);
+        assert_eq!(fleet.take_dirty()[0].last_seen, 2_000 + SEEN_PERSIST_MS);
+        fleet.heartbeat("gw-1", 1, upgraded, 3_000 + SEEN_PERSIST_MS);
+        assert!(fleet.take_dirty().is_empty());
+        assert_eq!(
+            fleet.take_unsaved()[0].last_seen,
+            3_000 + SEEN_PERSIST_MS,
+            "shutdown stores the newest"
+        );
+        fleet.closed("gw-1", 1);
+        assert_eq!(fleet.take_dirty().len(), 1, "going offline is stored");
     }
 }

@@ -164,8 +164,13 @@ impl Hub {
             .collect()
     }
 
-    fn flush(&self) {
-        let dirty = self.fleet().take_dirty();
+    /// Writes changed agent records; `all` also writes every "last seen" not yet stored.
+    fn flush(&self, all: bool) {
+        let dirty = if all {
+            self.fleet().take_unsaved()
+        } else {
+            self.fleet().take_dirty()
+        };
         if !dirty.is_empty()
             && let Err(e) = self.registry.save(&dirty)
         {
@@ -201,7 +206,7 @@ pub async fn run(
     tracing::info!(agents = records.len(), "registry loaded");
     let fleet = Fleet::new(records, settings.offline_after_ms as i64);
     let server = crate::tls::server_config_with(&dir.server_tls(), Duration::from_secs(10), true)?;
-    let endpoint = quinn::Endpoint::server(server, settings.listen)
+    let endpoint = crate::tls::server_endpoint(server, settings.listen)
         .with_context(|| format!("binding the control endpoint {}", settings.listen))?;
     let http = tokio::net::TcpListener::bind(settings.http)
         .await
@@ -272,7 +277,7 @@ pub async fn run(
     let _ = sweeper.await;
     let manager = manager.await;
     let _ = api.await;
-    hub.flush();
+    hub.flush(true);
     manager.context("the replica manager panicked")??;
     Ok(())
 }
@@ -294,7 +299,7 @@ async fn sweep(hub: Arc<Hub>, shutdown: CancellationToken) {
         // Agent records reach the disk every 2 s, in one transaction.
         if n.is_multiple_of(8) {
             let hub = Arc::clone(&hub);
-            let _ = tokio::task::spawn_blocking(move || hub.flush()).await;
+            let _ = tokio::task::spawn_blocking(move || hub.flush(false)).await;
         }
     }
 }

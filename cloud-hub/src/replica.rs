@@ -171,7 +171,7 @@ impl Replica {
             })
             .collect::<std::io::Result<_>>()?;
         let server = server_config(&config.tls, Duration::from_secs(10))?;
-        let endpoint = quinn::Endpoint::server(server, config.listen)
+        let endpoint = crate::tls::server_endpoint(server, config.listen)
             .with_context(|| format!("binding {}", config.listen))?;
         Ok(Replica {
             endpoint,

@@ -1,4 +1,4 @@
-//! QUIC server settings with mutual TLS against the fleet CA.
+//! QUIC server settings with mutual TLS against the fleet CA, and the server sockets.
 //!
 //! A server presents its own certificate and demands one from every client, verified against
 //! the fleet CA only (no system roots): a client with no certificate, or one signed by anyone
@@ -14,6 +14,47 @@ use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Receive and send buffer asked for on a server's UDP socket. Thousands of agents behind
+/// one socket send in bursts; the kernel's default (about 200 KiB) drops datagrams as soon
+/// as the endpoint falls a few milliseconds behind, and every drop costs a retransmission.
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// A QUIC server endpoint on `listen` with [`udp_socket`]'s buffers.
+pub fn server_endpoint(
+    config: quinn::ServerConfig,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<quinn::Endpoint> {
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        udp_socket(listen)?,
+        Arc::new(quinn::TokioRuntime),
+    )?)
+}
+
+/// A UDP socket bound to `listen` with [`SOCKET_BUFFER_BYTES`] of buffers, or as much as the
+/// kernel allows (`net.core.rmem_max` caps it; the granted size is logged at debug level).
+pub fn udp_socket(listen: std::net::SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    // Buffers are a wish, not a requirement: a smaller grant still works.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    socket
+        .bind(&listen.into())
+        .with_context(|| format!("binding {listen}"))?;
+    tracing::debug!(
+        recv = socket.recv_buffer_size().unwrap_or(0),
+        send = socket.send_buffer_size().unwrap_or(0),
+        "UDP socket buffers"
+    );
+    Ok(socket.into())
+}
 
 /// Where a server's TLS material is.
 #[derive(Debug, Clone, PartialEq, Eq)]
