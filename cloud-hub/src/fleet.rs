@@ -373,6 +373,7 @@ mod tests {
                 version: 1,
             }],
             counters: vec![],
+            health: vec![],
         }
     }
 

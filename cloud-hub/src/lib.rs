@@ -23,9 +23,11 @@ pub mod hub;
 pub mod registry;
 pub mod replica;
 pub mod replicas;
+pub mod rollout;
 pub mod session;
 pub mod simulate;
 pub mod state;
+pub mod store;
 pub mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};

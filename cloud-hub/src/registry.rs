@@ -1,4 +1,5 @@
-//! The fleet registry on disk: agents and enrolment tokens in an embedded SQLite database.
+//! The fleet registry on disk: agents, enrolment tokens, published models and rollouts in an
+//! embedded SQLite database.
 //!
 //! What must survive a hub restart lives here: every agent ever seen (site, software version,
 //! models, enrolment, first and last contact) and the one-time enrolment tokens, stored only
@@ -11,6 +12,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::Context;
+use protocol::manifest::SignedManifest;
 use ring::rand::SecureRandom;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -70,6 +72,19 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL,
     used_at    INTEGER
+);
+CREATE TABLE IF NOT EXISTS models (
+    name       TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    signed     TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id         INTEGER PRIMARY KEY,
+    model      TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
 );
 ";
 
@@ -175,6 +190,86 @@ impl Registry {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Records a published model version; fails if `name` has this version or a newer one.
+    pub fn add_model(&self, signed: &SignedManifest) -> anyhow::Result<()> {
+        let m = &signed.manifest;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let newest: Option<u32> = tx.query_row(
+            "SELECT MAX(version) FROM models WHERE name = ?1",
+            params![m.name],
+            |r| r.get(0),
+        )?;
+        if let Some(newest) = newest
+            && newest >= m.version
+        {
+            anyhow::bail!(
+                "{} v{} refused: v{newest} is published already (versions only rise)",
+                m.name,
+                m.version
+            );
+        }
+        tx.execute(
+            "INSERT INTO models (name, version, signed, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                m.name,
+                m.version,
+                serde_json::to_string(signed)?,
+                m.created_at
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Published versions, of `name` or of every model, oldest first.
+    pub fn models(&self, name: Option<&str>) -> anyhow::Result<Vec<SignedManifest>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT signed FROM models WHERE ?1 IS NULL OR name = ?1 ORDER BY name, version",
+        )?;
+        let rows = stmt
+            .query_map(params![name], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.iter()
+            .map(|j| serde_json::from_str(j).context("a stored manifest does not parse"))
+            .collect()
+    }
+
+    /// One published version.
+    pub fn model(&self, name: &str, version: u32) -> anyhow::Result<Option<SignedManifest>> {
+        let conn = self.conn();
+        let json: Option<String> = conn
+            .query_row(
+                "SELECT signed FROM models WHERE name = ?1 AND version = ?2",
+                params![name, version],
+                |r| r.get(0),
+            )
+            .optional()?;
+        json.map(|j| serde_json::from_str(&j).context("a stored manifest does not parse"))
+            .transpose()
+    }
+
+    /// Stores rollout `id`'s state (JSON).
+    pub fn save_rollout(&self, id: u64, model: &str, state: &str, now: i64) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO rollouts (id, model, state, updated_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET state = ?3, updated_at = ?4",
+            params![id as i64, model, state, now],
+        )?;
+        Ok(())
+    }
+
+    /// Every rollout's state (JSON), oldest first.
+    pub fn rollouts(&self) -> anyhow::Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT state FROM rollouts ORDER BY id")?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
 
     /// Every agent the registry knows, by name.

@@ -66,6 +66,11 @@ impl HubDir {
         self.dir.join("fleet.db")
     }
 
+    /// Published model files, named by their SHA-256.
+    pub fn models_dir(&self) -> PathBuf {
+        self.dir.join("models")
+    }
+
     /// Whether `init` has run here.
     pub fn exists(&self) -> bool {
         self.ca_cert().exists() && self.signing_key().exists()

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use protocol::edge::{OFFLINE, Status, Topics};
-use protocol::frame::{Heartbeat, ModelVersion};
+use protocol::frame::Heartbeat;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -28,9 +28,10 @@ use crate::ingest::Ingest;
 use crate::offload::Offload;
 use crate::pool::{Outgoing, Pool, QueueProbe};
 use crate::router::Router;
-use crate::serving::ServedModel;
+use crate::serving::{ModelSlots, ServedModel};
 use crate::status::Sampler;
 use crate::telemetry::{Counters, LogLimiter};
+use crate::update::Updater;
 
 /// What a finished run did, for the caller's last word.
 #[derive(Debug, Clone)]
@@ -53,16 +54,28 @@ struct Shared {
 /// Cancel-safe in the sense that matters: cancelling `shutdown` (not dropping the future)
 /// is the way to stop it, and it then finishes in-flight work before returning.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {
-    let models: Arc<[ServedModel]> = ServedModel::load_all(&config)?.into();
-    for m in models.iter() {
-        tracing::info!(model = %m.name, version = m.version, window = m.window, stride = m.stride, "model ready");
-    }
-    let topics = Topics::new(&config.agent.site, &config.agent.gateway);
+    let models = Arc::new(ModelSlots::new(
+        ServedModel::load_all(&config)?,
+        config.hub.shadow_every,
+    ));
     let shared = Arc::new(Shared {
         counters: Arc::new(Counters::default()),
         sensors: Arc::new(AtomicUsize::new(0)),
         qos1_sent: AtomicU64::new(0),
     });
+    let updater = config.hub.endpoint.is_some().then(|| {
+        let updater = Arc::new(Updater::new(
+            &config,
+            Arc::clone(&models),
+            Arc::clone(&shared.counters),
+        ));
+        updater.restore();
+        updater
+    });
+    for m in models.all() {
+        tracing::info!(model = %m.name, version = m.version, window = m.window, stride = m.stride, "model ready");
+    }
+    let topics = Topics::new(&config.agent.site, &config.agent.gateway);
 
     let mut options = MqttOptions::new(
         config.client_id(),
@@ -117,6 +130,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     };
     // Until the workers have measured themselves, the models' warm-up runs tell the speed.
     let initial_service = models
+        .all()
         .iter()
         .map(|m| m.probe_time)
         .max()
@@ -174,18 +188,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let hub_task = config.hub.endpoint.as_ref().map(|hub| {
         tracing::info!(%hub, "reporting to the hub");
         let offload = lock(&router).offload_handle();
-        let versions: Vec<ModelVersion> = models
-            .iter()
-            .map(|m| ModelVersion {
-                name: m.name.to_string(),
-                version: m.version,
-            })
-            .collect();
         let context = HubContext {
             config: config.hub.clone(),
             agent: config.agent.gateway.clone(),
             site: config.agent.site.clone(),
-            models: versions.clone(),
+            models: Arc::clone(&models),
+            updater: updater.clone(),
             offload,
             report: Box::new(
                 HeartbeatSource {
@@ -193,7 +201,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                     queue: pool.probe(),
                     shared: Arc::clone(&shared),
                     router: Arc::clone(&router),
-                    models: versions,
+                    models: Arc::clone(&models),
+                    updater: updater.clone(),
                     last: (0, 0),
                 }
                 .into_fn(),
@@ -427,7 +436,8 @@ struct HeartbeatSource {
     queue: QueueProbe,
     shared: Arc<Shared>,
     router: Arc<std::sync::Mutex<Router>>,
-    models: Vec<ModelVersion>,
+    models: Arc<ModelSlots>,
+    updater: Option<Arc<Updater>>,
     /// Windows routed remote and in all, at the last heartbeat.
     last: (u64, u64),
 }
@@ -438,6 +448,9 @@ impl HeartbeatSource {
     }
 
     fn heartbeat(&mut self) -> Heartbeat {
+        if let Some(updater) = &self.updater {
+            updater.check();
+        }
         let load = self.sampler.sample();
         let (policy, demand, in_flight) = {
             let mut router = lock(&self.router);
@@ -472,8 +485,9 @@ impl HeartbeatSource {
             in_flight: in_flight as u32,
             cpu: load.cpu_percent / 100.0,
             memory_bytes: load.rss_bytes,
-            models: self.models.clone(),
+            models: self.models.versions(),
             counters: counters.into_iter().collect(),
+            health: self.models.health(),
         }
     }
 }

@@ -63,6 +63,17 @@ pub struct HubSection {
     /// Longest reconnection delay.
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// After a model update, one window in this many also runs on the previous version and
+    /// the difference is reported (0: never).
+    #[serde(default = "default_shadow_every")]
+    pub shadow_every: u64,
+    /// How long the previous version stays loaded after an update, for the comparison and an
+    /// instant rollback (it stays on disk after that).
+    #[serde(default = "default_shadow_secs")]
+    pub shadow_secs: u64,
+    /// Largest model download accepted.
+    #[serde(default = "default_max_model_bytes")]
+    pub max_model_bytes: u64,
 }
 
 impl Default for HubSection {
@@ -75,8 +86,21 @@ impl Default for HubSection {
             connect_timeout_ms: default_connect_timeout_ms(),
             reconnect_min_ms: default_hub_reconnect_min_ms(),
             reconnect_max_ms: default_reconnect_max_ms(),
+            shadow_every: default_shadow_every(),
+            shadow_secs: default_shadow_secs(),
+            max_model_bytes: default_max_model_bytes(),
         }
     }
+}
+
+fn default_shadow_every() -> u64 {
+    10
+}
+fn default_shadow_secs() -> u64 {
+    900
+}
+fn default_max_model_bytes() -> u64 {
+    256 << 20
 }
 
 /// Where an agent's mutual-TLS identity is.
@@ -103,6 +127,11 @@ impl HubSection {
     /// The pinned model-signing key of the hub.
     pub fn hub_key_path(&self) -> PathBuf {
         self.state_dir.join("hub.pub")
+    }
+
+    /// Where model updates are kept.
+    pub fn models_dir(&self) -> PathBuf {
+        self.state_dir.join("models")
     }
 }
 

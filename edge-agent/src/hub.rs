@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use protocol::frame::{
-    self, Decoded, Decoder, Enroll, Heartbeat, Hello, Message, ModelVersion, PROTOCOL_VERSION,
+    self, Decoded, Decoder, Enroll, Heartbeat, Hello, Message, PROTOCOL_VERSION,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -38,7 +38,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::HubSection;
 use crate::offload::{OffloadHandle, client_config};
+use crate::serving::ModelSlots;
 use crate::telemetry::Counters;
+use crate::update::Updater;
 
 /// Largest control frame accepted from the hub.
 const MAX_FRAME: usize = 1 << 20;
@@ -52,7 +54,9 @@ pub struct HubContext {
     /// Its site.
     pub site: String,
     /// The models it runs.
-    pub models: Vec<ModelVersion>,
+    pub models: Arc<ModelSlots>,
+    /// Installs model updates, when the agent takes them.
+    pub updater: Option<Arc<Updater>>,
     /// The offload client, if offload is on.
     pub offload: Option<OffloadHandle>,
     /// Builds a heartbeat's figures (the session sets `seq`).
@@ -207,7 +211,7 @@ async fn session(
         agent: ctx.agent.clone(),
         site: ctx.site.clone(),
         capabilities: vec!["offload".into(), "heartbeat".into()],
-        models: ctx.models.clone(),
+        models: ctx.models.versions(),
     })))
     .await?;
     let welcome = match tokio::time::timeout(timeout, reader.next()).await {
@@ -244,6 +248,23 @@ async fn session(
             }
             message = reader.next() => match message? {
                 Some(Message::Replicas(set)) => apply(ctx, &set.model, &set.endpoints),
+                Some(Message::ModelUpdate(signed)) => match &ctx.updater {
+                    Some(updater) => {
+                        let (updater, conn) = (Arc::clone(updater), conn.clone());
+                        tokio::spawn(async move { updater.update(conn, signed).await });
+                    }
+                    None => tracing::warn!("the hub sent a model update; this agent takes none"),
+                },
+                Some(Message::ModelRollback(to)) => {
+                    if let Some(updater) = &ctx.updater {
+                        let updater = Arc::clone(updater);
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = updater.rollback(&to.name, to.version) {
+                                tracing::error!("{e:#}");
+                            }
+                        });
+                    }
+                }
                 Some(Message::Error(e)) => anyhow::bail!("the hub says {:?}: {}", e.code, e.message),
                 Some(other) => {
                     Counters::bump(&ctx.counters.hub_errors);
@@ -256,7 +277,7 @@ async fn session(
 }
 
 fn apply(ctx: &HubContext, model: &str, endpoints: &[String]) {
-    if !ctx.models.iter().any(|m| m.name == model) {
+    if ctx.models.index(model).is_none() {
         return;
     }
     if let Some(offload) = &ctx.offload {

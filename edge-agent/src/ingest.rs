@@ -15,7 +15,7 @@ use protocol::{Limits, decode_samples};
 
 use crate::config::{AgentConfig, MAX_WINDOW};
 use crate::pool::Job;
-use crate::serving::ServedModel;
+use crate::serving::ModelSlots;
 use crate::telemetry::{Counters, LogLimiter};
 use crate::window::Window;
 
@@ -29,7 +29,7 @@ struct Sensor {
 pub struct Ingest {
     topics: Topics,
     limits: Limits,
-    models: Arc<[ServedModel]>,
+    models: Arc<ModelSlots>,
     assigned: HashMap<String, usize>,
     default_model: Option<usize>,
     max_sensors: usize,
@@ -44,11 +44,11 @@ impl Ingest {
     /// Ingest for `config`, serving `models` (loaded from the same config, in order).
     pub fn new(
         config: &AgentConfig,
-        models: Arc<[ServedModel]>,
+        models: Arc<ModelSlots>,
         counters: Arc<Counters>,
         sensor_gauge: Arc<AtomicUsize>,
     ) -> Self {
-        let index = |name: &str| models.iter().position(|m| &*m.name == name);
+        let index = |name: &str| models.index(name);
         let assigned = config
             .sensors
             .assign
@@ -119,7 +119,7 @@ impl Ingest {
                 });
                 return;
             }
-            let served = &self.models[model];
+            let served = self.models.get(model);
             let sensor = Sensor {
                 name: Arc::from(sensor_name),
                 model,

@@ -24,6 +24,7 @@ pub mod router;
 pub mod serving;
 pub mod status;
 pub mod telemetry;
+pub mod update;
 pub mod window;
 
 pub use agent::{RunSummary, run};

@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Identity, OffloadSection};
 use crate::pool::{Job, LocalQueue, Outgoing, finish};
-use crate::serving::ServedModel;
+use crate::serving::ModelSlots;
 use crate::telemetry::{Counters, LogLimiter};
 
 /// Largest response frame accepted from a replica.
@@ -179,7 +179,7 @@ struct Inner {
     connect_timeout: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
-    models: Arc<[ServedModel]>,
+    models: Arc<ModelSlots>,
     topics: Topics,
     results: tokio::sync::mpsc::Sender<Outgoing>,
     local: LocalQueue,
@@ -293,7 +293,7 @@ impl Offload {
     pub fn start(
         config: &OffloadSection,
         identity: Option<&Identity>,
-        models: Arc<[ServedModel]>,
+        models: Arc<ModelSlots>,
         topics: Topics,
         results: tokio::sync::mpsc::Sender<Outgoing>,
         local: LocalQueue,
@@ -344,8 +344,8 @@ impl Offload {
     }
 
     /// The name of model `index`.
-    pub fn model_name(&self, index: usize) -> &str {
-        &self.inner.models[index].name
+    pub fn model_name(&self, index: usize) -> Arc<str> {
+        Arc::clone(&self.inner.models.get(index).name)
     }
 
     /// A handle for the hub session.
@@ -375,7 +375,7 @@ impl Offload {
         if inner.in_flight.load(Ordering::Relaxed) >= inner.max_in_flight {
             return Err(job);
         }
-        let Some(slot) = self.pick(&inner.models[job.model].name, now) else {
+        let Some(slot) = self.pick(&inner.models.get(job.model).name, now) else {
             return Err(job);
         };
         inner.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -527,7 +527,7 @@ enum Failure {
 }
 
 async fn request(inner: &Inner, slot: &Slot, job: Job, deadline: Instant, reserve: Duration) {
-    let model = &inner.models[job.model];
+    let model = inner.models.get(job.model);
     let started = Instant::now();
     let budget = deadline
         .saturating_duration_since(started)
@@ -578,7 +578,7 @@ async fn request(inner: &Inner, slot: &Slot, job: Job, deadline: Instant, reserv
             let version = response.model_version;
             if let Some(out) = finish(
                 &job,
-                model,
+                &model,
                 version,
                 Route::Remote,
                 outputs,

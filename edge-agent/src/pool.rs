@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use protocol::edge::{InferenceResult, Route, Topics};
 
-use crate::serving::ServedModel;
+use crate::serving::{ModelSlots, ServedModel};
 use crate::telemetry::Counters;
 
 /// One window waiting for inference.
@@ -139,7 +139,7 @@ impl Pool {
     pub fn start(
         workers: usize,
         capacity: usize,
-        models: Arc<[ServedModel]>,
+        models: Arc<ModelSlots>,
         topics: Topics,
         results: tokio::sync::mpsc::Sender<Outgoing>,
         counters: Arc<Counters>,
@@ -207,7 +207,7 @@ impl Pool {
 
 fn work(
     jobs: &Receiver<Job>,
-    models: &[ServedModel],
+    models: &ModelSlots,
     topics: &Topics,
     results: &tokio::sync::mpsc::Sender<Outgoing>,
     counters: &Counters,
@@ -216,7 +216,8 @@ fn work(
     meter.refresh_quota();
     let mut quota_read = Instant::now();
     while let Ok(job) = jobs.recv() {
-        let model = &models[job.model];
+        // The version active now serves the whole window, even if a swap comes meanwhile.
+        let model = models.get(job.model);
         let started = Instant::now();
         if started.duration_since(quota_read) >= QUOTA_REFRESH {
             meter.refresh_quota();
@@ -228,6 +229,10 @@ fn work(
         // Without a thread clock, CPU time is taken to equal wall time.
         let cpu = cpu.and_then(|c| c.try_elapsed().ok()).unwrap_or(wall);
         meter.record(wall, cpu);
+        models.record(job.model, model.version, wall, outputs.is_ok());
+        if let (Ok(outputs), Some(shadow)) = (&outputs, models.shadow_for(job.model)) {
+            compare(models, job.model, &job.window, &model, outputs, &shadow);
+        }
         let outputs = match outputs {
             Ok(outputs) => outputs,
             Err(e) => {
@@ -239,7 +244,7 @@ fn work(
         let outputs = outputs.into_iter().map(|o| (o.name, o.data)).collect();
         let Some(outgoing) = finish(
             &job,
-            model,
+            &model,
             model.version,
             Route::Local,
             outputs,
@@ -252,6 +257,29 @@ fn work(
             // The publisher is gone: the agent is stopping and nothing more can be sent.
             counters.inference_errors.fetch_add(1, Ordering::Relaxed);
             return;
+        }
+    }
+}
+
+/// Runs `window` on the previous version too and records how far the scores differ.
+fn compare(
+    models: &ModelSlots,
+    index: usize,
+    window: &[f32],
+    active: &ServedModel,
+    outputs: &[models::Output],
+    shadow: &ServedModel,
+) {
+    match shadow.runner.run(window) {
+        Ok(theirs) => models.record_shadow(
+            index,
+            active,
+            active.score(outputs),
+            shadow,
+            shadow.score(&theirs),
+        ),
+        Err(e) => {
+            tracing::debug!(model = %shadow.name, version = shadow.version, "shadow run failed: {e}")
         }
     }
 }

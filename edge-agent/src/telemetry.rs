@@ -71,6 +71,14 @@ counters! {
     hub_connects,
     /// Hub sessions or enrolments that failed or ended.
     hub_errors,
+    /// Model updates installed.
+    model_updates,
+    /// Model updates refused (signature, digest, downgrade, shape) or failed to load.
+    model_update_failures,
+    /// Switches back to a previous model version.
+    model_rollbacks,
+    /// Model downloads that went on from where a dropped one stopped.
+    model_download_resumes,
     /// Windows kept local with nothing to do.
     routed_local,
     /// Windows sent remote because the forecast says the agent will saturate.

@@ -7,6 +7,7 @@
 //! it reserve memory by announcing a huge frame. Connections negotiate [`ALPN`]; the
 //! [`PROTOCOL_VERSION`] travels in [`Hello`] and [`Welcome`].
 
+use crate::manifest::SignedManifest;
 use serde::{Deserialize, Serialize};
 
 /// ALPN protocol identifier for Spillway's QUIC connections.
@@ -167,6 +168,54 @@ pub struct Heartbeat {
     pub models: Vec<ModelVersion>,
     /// The agent's counters since start (name, value).
     pub counters: Vec<(String, u64)>,
+    /// How each model's active version is doing, for rollout health gates.
+    #[serde(default)]
+    pub health: Vec<ModelHealth>,
+}
+
+/// One model's record since its active version started serving on an agent.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ModelHealth {
+    /// Model name.
+    pub name: String,
+    /// The active version.
+    pub version: u32,
+    /// Windows it answered.
+    pub inferences: u64,
+    /// Windows it failed on.
+    pub errors: u64,
+    /// 99th percentile of its inference time over its recent windows, microseconds.
+    pub p99_us: u64,
+    /// The previous version it is compared with on the side (0: none).
+    pub shadow_version: u32,
+    /// Windows run on both.
+    pub shadow_runs: u64,
+    /// Mean absolute difference of the two versions' scores.
+    pub drift_mean_abs: f32,
+    /// Windows where the two versions disagree on "anomaly".
+    pub decision_flips: u64,
+    /// Updates of this model refused or failed since the agent started.
+    pub update_failures: u64,
+    /// Why the last one failed.
+    pub last_failure: String,
+}
+
+/// Agent → hub, on a stream of its own: send the model with this digest from `offset` on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchModel {
+    /// SHA-256 (hex) of the model bytes, from the manifest.
+    pub sha256: String,
+    /// Bytes the agent already has.
+    pub offset: u64,
+}
+
+/// Hub → agent: `len` raw bytes of the model from `offset` follow this frame on the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelData {
+    /// Where the bytes start.
+    pub offset: u64,
+    /// How many follow.
+    pub len: u64,
 }
 
 /// Asks the hub for a client certificate with a one-time token (sent on a connection
@@ -244,6 +293,14 @@ pub enum Message {
     Enrolled(Enrolled),
     /// Answer with the same values, nothing run (measures the transport alone).
     Echo(Vec<f32>),
+    /// Hub → agent: install this model version.
+    ModelUpdate(SignedManifest),
+    /// Hub → agent: go back to this version of the model (the one kept for rollback).
+    ModelRollback(ModelVersion),
+    /// Agent → hub: send model bytes.
+    FetchModel(FetchModel),
+    /// Hub → agent: model bytes follow.
+    ModelData(ModelData),
 }
 
 impl Message {
@@ -262,6 +319,10 @@ impl Message {
             Message::Replicas(_) => "Replicas",
             Message::Enroll(_) => "Enroll",
             Message::Enrolled(_) => "Enrolled",
+            Message::ModelUpdate(_) => "ModelUpdate",
+            Message::ModelRollback(_) => "ModelRollback",
+            Message::FetchModel(_) => "FetchModel",
+            Message::ModelData(_) => "ModelData",
         }
     }
 }
@@ -503,8 +564,46 @@ mod tests {
                             version: 1,
                         }],
                         counters,
+                        health: vec![ModelHealth {
+                            name: "vibration-ae".into(),
+                            version: 2,
+                            inferences: seq,
+                            p99_us: mem,
+                            drift_mean_abs: d,
+                            ..ModelHealth::default()
+                        }],
                     })
                 }),
+            (
+                "[a-z-]{1,12}",
+                any::<u32>(),
+                "[0-9a-f]{64}",
+                any::<u64>(),
+                prop::collection::vec(any::<u8>(), 64)
+            )
+                .prop_map(|(name, version, sha256, size, signature)| {
+                    Message::ModelUpdate(SignedManifest {
+                        manifest: crate::manifest::Manifest {
+                            name,
+                            version,
+                            sha256,
+                            size,
+                            input_shape: vec![1, 1, 1024],
+                            outputs: vec!["score".into()],
+                            min_agent_version: "0.1.0".into(),
+                            created_at: size as i64 / 2,
+                        },
+                        signature,
+                    })
+                }),
+            ("[a-z-]{1,12}", any::<u32>()).prop_map(|(name, version)| {
+                Message::ModelRollback(ModelVersion { name, version })
+            }),
+            ("[0-9a-f]{64}", any::<u64>()).prop_map(|(sha256, offset)| {
+                Message::FetchModel(FetchModel { sha256, offset })
+            }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(offset, len)| Message::ModelData(ModelData { offset, len })),
         ]
     }
 

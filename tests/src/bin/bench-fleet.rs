@@ -256,6 +256,7 @@ async fn session(
             memory_bytes: 10 << 20,
             models: vec![],
             counters: vec![("windows_enqueued".into(), seq * 10)],
+            health: vec![],
         };
         send.write_all(&frame::encode(&Message::Heartbeat(beat)))
             .await?;

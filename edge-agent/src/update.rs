@@ -1,0 +1,449 @@
+//! Model updates on the agent: check, download, load, swap, and go back.
+//!
+//! The hub sends a [`SignedManifest`]. Before a byte is fetched the agent checks that it
+//! serves the model, that the version is newer than the active one (never a downgrade, never
+//! a version it rolled back from), that the pinned hub key signed the manifest, that the
+//! agent is new enough, and that the input holds exactly one of its windows. The bytes come
+//! on a QUIC stream of their own on the hub connection, appended to `<sha256>.part` in the
+//! state folder; a dropped connection leaves the part, and the next attempt asks the hub only
+//! for what is missing. The whole file must match the manifest's size and SHA-256. The model
+//! is then loaded and run on a zero window off the async threads, and only then swapped in
+//! ([`ModelSlots::swap`]): windows already running finish on the old version, and the old
+//! version stays loaded as the shadow for comparison, and on disk for rollback.
+//!
+//! `installed.json` in the models folder records, per model, the active manifest and the
+//! previous one, so a restarted agent comes back on the version it last ran. A rollback
+//! order from the hub, or a new version that fails most windows, switches back at once.
+//! Every refusal is a counter, a failure in the model's health report (the hub's rollout
+//! gates read it), and a rate-limited log line; the old version keeps serving throughout.
+
+// Downloads are drivers: they read the wall clock for the install time only through tokio.
+#![allow(clippy::disallowed_methods)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use protocol::frame::{self, Decoded, Decoder, FetchModel, Message};
+use protocol::manifest::{SignedManifest, version_at_least};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AgentConfig, ModelSection};
+use crate::serving::{ModelSlots, ServedModel};
+use crate::telemetry::{Counters, LogLimiter};
+
+/// A new version that fails at least this many windows, and more than it answers, is
+/// switched back without waiting for the hub.
+const LOCAL_FAILURE_LIMIT: u64 = 5;
+
+/// What is installed for one model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    /// The version serving now.
+    active: SignedManifest,
+    /// The version before it; `None` when that is the one from config.
+    previous: Option<SignedManifest>,
+    /// Versions rolled back from: never installed again.
+    #[serde(default)]
+    refused: Vec<u32>,
+}
+
+/// Installs and reverts model versions; see the module docs.
+pub struct Updater {
+    slots: Arc<ModelSlots>,
+    sections: Vec<ModelSection>,
+    dir: PathBuf,
+    hub_key: PathBuf,
+    shadow_for: Duration,
+    max_bytes: u64,
+    counters: Arc<Counters>,
+    installed: Mutex<BTreeMap<String, Entry>>,
+    busy: Mutex<HashSet<String>>,
+    limiter: Mutex<LogLimiter>,
+}
+
+impl Updater {
+    /// An updater for `config`'s models, keeping its files in `[hub] state_dir/models`.
+    pub fn new(config: &AgentConfig, slots: Arc<ModelSlots>, counters: Arc<Counters>) -> Self {
+        let dir = config.hub.models_dir();
+        let installed = std::fs::read(dir.join("installed.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Updater {
+            slots,
+            sections: config.models.clone(),
+            dir,
+            hub_key: config.hub.hub_key_path(),
+            shadow_for: Duration::from_secs(config.hub.shadow_secs),
+            max_bytes: config.hub.max_model_bytes,
+            counters,
+            installed: Mutex::new(installed),
+            busy: Mutex::default(),
+            limiter: Mutex::new(LogLimiter::new(Duration::from_secs(5))),
+        }
+    }
+
+    /// Puts back the versions installed before a restart (checked again: digest and
+    /// signature). A version that no longer loads is reported and the config's one serves.
+    pub fn restore(&self) {
+        let entries: Vec<Entry> = lock(&self.installed).values().cloned().collect();
+        for entry in entries {
+            let m = &entry.active.manifest;
+            let Some(index) = self.slots.index(&m.name) else {
+                continue;
+            };
+            if self.slots.get(index).version >= m.version {
+                continue;
+            }
+            match self.load_installed(index, &entry.active) {
+                Ok(model) => {
+                    self.slots.swap(index, model, false);
+                    tracing::info!(model = %m.name, version = m.version, "installed version restored");
+                }
+                Err(e) => self.failed(index, format!("{e:#}")),
+            }
+        }
+    }
+
+    fn load_installed(&self, index: usize, signed: &SignedManifest) -> anyhow::Result<ServedModel> {
+        let key = std::fs::read(&self.hub_key).context("no pinned hub key")?;
+        let m = signed.verify(&key)?;
+        let bytes = std::fs::read(self.blob(&m.sha256))
+            .with_context(|| format!("reading {} v{}", m.name, m.version))?;
+        m.check_bytes(&bytes)?;
+        ServedModel::load_version(&self.slots.get(index), m.version, &bytes, &m.input_shape)
+    }
+
+    fn blob(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}.onnx"))
+    }
+
+    /// Installs `signed`, fetching its bytes over `conn`. Returns once it serves, or why not.
+    /// An update of a model already being updated is ignored (the hub sends it again).
+    pub async fn update(self: &Arc<Self>, conn: quinn::Connection, signed: SignedManifest) {
+        let name = signed.manifest.name.clone();
+        let Some(index) = self.slots.index(&name) else {
+            self.log(format!("update of {name}: this agent does not serve it"));
+            Counters::bump(&self.counters.model_update_failures);
+            return;
+        };
+        if !lock(&self.busy).insert(name.clone()) {
+            return;
+        }
+        let result = self.install(index, &conn, signed).await;
+        lock(&self.busy).remove(&name);
+        if let Err(e) = result {
+            self.failed(index, format!("{e:#}"));
+        }
+    }
+
+    async fn install(
+        self: &Arc<Self>,
+        index: usize,
+        conn: &quinn::Connection,
+        signed: SignedManifest,
+    ) -> anyhow::Result<()> {
+        let current = self.slots.get(index);
+        let m = signed.manifest.clone();
+        if m.version == current.version {
+            return Ok(());
+        }
+        if m.version < current.version {
+            bail!(
+                "{} v{} refused: v{} serves already (no downgrades)",
+                m.name,
+                m.version,
+                current.version
+            );
+        }
+        if lock(&self.installed)
+            .get(&m.name)
+            .is_some_and(|e| e.refused.contains(&m.version))
+        {
+            bail!("{} v{} refused: it was rolled back here", m.name, m.version);
+        }
+        let key = std::fs::read(&self.hub_key).context("no pinned hub key to check the update")?;
+        signed.verify(&key)?;
+        let agent = env!("CARGO_PKG_VERSION");
+        if !version_at_least(agent, &m.min_agent_version) {
+            bail!(
+                "{} v{} needs agent {} or newer; this is {agent}",
+                m.name,
+                m.version,
+                m.min_agent_version
+            );
+        }
+        if m.input_len() != current.window {
+            bail!(
+                "{} v{} takes input {:?} ({} values); the windows hold {}",
+                m.name,
+                m.version,
+                m.input_shape,
+                m.input_len(),
+                current.window
+            );
+        }
+        if m.size > self.max_bytes {
+            bail!(
+                "{} v{} is {} bytes; hub.max_model_bytes is {}",
+                m.name,
+                m.version,
+                m.size,
+                self.max_bytes
+            );
+        }
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let bytes = self.download(conn, &m.sha256, m.size).await?;
+        if let Err(e) = m.check_bytes(&bytes) {
+            let _ = std::fs::remove_file(self.part(&m.sha256));
+            return Err(e.into());
+        }
+        let this = Arc::clone(self);
+        let model = tokio::task::spawn_blocking(move || {
+            ServedModel::load_version(&this.slots.get(index), m.version, &bytes, &m.input_shape)
+        })
+        .await
+        .context("loading the update panicked")??;
+        std::fs::rename(
+            self.part(&signed.manifest.sha256),
+            self.blob(&signed.manifest.sha256),
+        )
+        .context("keeping the model file")?;
+        {
+            let mut installed = lock(&self.installed);
+            let entry = installed.remove(&signed.manifest.name);
+            let refused = entry
+                .as_ref()
+                .map(|e| e.refused.clone())
+                .unwrap_or_default();
+            installed.insert(
+                signed.manifest.name.clone(),
+                Entry {
+                    previous: entry.map(|e| e.active),
+                    active: signed.clone(),
+                    refused,
+                },
+            );
+            self.save(&installed)?;
+        }
+        let old = self
+            .slots
+            .swap(index, model, self.shadow_for > Duration::ZERO);
+        Counters::bump(&self.counters.model_updates);
+        tracing::info!(
+            model = %signed.manifest.name,
+            from = old.version,
+            to = signed.manifest.version,
+            "model updated"
+        );
+        let (slots, version, wait) = (
+            Arc::clone(&self.slots),
+            signed.manifest.version,
+            self.shadow_for,
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            if slots.get(index).version == version {
+                slots.drop_shadow(index);
+            }
+        });
+        Ok(())
+    }
+
+    fn part(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}.part"))
+    }
+
+    /// Fetches the bytes with digest `sha256`, from where an earlier attempt stopped.
+    async fn download(
+        &self,
+        conn: &quinn::Connection,
+        sha256: &str,
+        size: u64,
+    ) -> anyhow::Result<Vec<u8>> {
+        let path = self.part(sha256);
+        let mut offset = std::fs::metadata(&path).map_or(0, |m| m.len());
+        if offset > size {
+            std::fs::remove_file(&path)?;
+            offset = 0;
+        }
+        if offset < size {
+            if offset > 0 {
+                Counters::bump(&self.counters.model_download_resumes);
+                tracing::info!(%sha256, offset, size, "resuming a model download");
+            }
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(&frame::encode(&Message::FetchModel(FetchModel {
+                sha256: sha256.to_owned(),
+                offset,
+            })))
+            .await?;
+            let _ = send.finish();
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let mut buf = Vec::new();
+            let mut chunk = vec![0u8; 64 << 10];
+            let decoder = Decoder::new(1 << 16);
+            let header = loop {
+                if let Decoded::Frame { message, consumed } = decoder.decode(&buf)? {
+                    buf.drain(..consumed);
+                    break message;
+                }
+                match recv.read(&mut chunk).await? {
+                    Some(n) => buf.extend_from_slice(&chunk[..n]),
+                    None => bail!("the hub closed the download before answering"),
+                }
+            };
+            let len = match header {
+                Message::ModelData(d) if d.offset == offset && d.len == size - offset => d.len,
+                Message::ModelData(d) => bail!(
+                    "the hub offers bytes {}..+{}, asked for {offset}..{size}",
+                    d.offset,
+                    d.len
+                ),
+                Message::Error(e) => bail!("the hub cannot send the model: {}", e.message),
+                other => bail!("the hub answered {} to a model fetch", other.kind()),
+            };
+            let mut got = 0u64;
+            let mut pending = buf;
+            loop {
+                let take = pending.len().min((len - got) as usize);
+                file.write_all(&pending[..take])?;
+                got += take as u64;
+                if got == len {
+                    break;
+                }
+                match recv.read(&mut chunk).await? {
+                    Some(n) => pending = chunk[..n].to_vec(),
+                    None => bail!("the download stopped at {} of {size} bytes", offset + got),
+                }
+            }
+            file.sync_all()?;
+        }
+        Ok(std::fs::read(&path)?)
+    }
+
+    /// Switches `name` back to `version` (the one it replaced); the version it leaves is
+    /// refused from then on.
+    pub fn rollback(&self, name: &str, version: u32) -> anyhow::Result<()> {
+        let index = self
+            .slots
+            .index(name)
+            .with_context(|| format!("rollback of {name}: not served here"))?;
+        let current = self.slots.get(index);
+        if current.version == version {
+            return Ok(());
+        }
+        let entry = lock(&self.installed).get(name).cloned();
+        let model = match self.slots.shadow(index) {
+            Some(shadow) if shadow.version == version => (*shadow).clone(),
+            _ => match entry.as_ref().and_then(|e| e.previous.as_ref()) {
+                Some(prev) if prev.manifest.version == version => {
+                    self.load_installed(index, prev)?
+                }
+                _ => {
+                    let section = &self.sections[index];
+                    if section.version != version {
+                        bail!("rollback of {name} to v{version}: that version is not kept here");
+                    }
+                    ServedModel::load(section)?
+                }
+            },
+        };
+        let mut installed = lock(&self.installed);
+        let mut refused = entry.map(|e| e.refused).unwrap_or_default();
+        refused.push(current.version);
+        match installed.get(name).and_then(|e| e.previous.clone()) {
+            Some(prev) if prev.manifest.version == version => {
+                installed.insert(
+                    name.to_owned(),
+                    Entry {
+                        active: prev,
+                        previous: None,
+                        refused,
+                    },
+                );
+            }
+            _ => {
+                // Back on the config's version: keep only what must not come back.
+                if let Some(e) = installed.get_mut(name) {
+                    e.refused = refused;
+                    e.previous = None;
+                }
+                installed.retain(|_, e| {
+                    e.active.manifest.version > version || e.active.manifest.name != name
+                });
+            }
+        }
+        self.save(&installed)?;
+        drop(installed);
+        self.slots.swap(index, model, false);
+        Counters::bump(&self.counters.model_rollbacks);
+        tracing::warn!(model = %name, from = current.version, to = version, "model rolled back");
+        Ok(())
+    }
+
+    /// The local check: a new version that fails most of its windows goes back to the one
+    /// it replaced without waiting for the hub. Called every heartbeat.
+    pub fn check(&self) {
+        for h in self.slots.health() {
+            if h.shadow_version == 0 || h.errors < LOCAL_FAILURE_LIMIT || h.errors <= h.inferences {
+                continue;
+            }
+            let why = format!(
+                "{} v{} failed {} of {} windows: switching back to v{}",
+                h.name,
+                h.version,
+                h.errors,
+                h.errors + h.inferences,
+                h.shadow_version
+            );
+            if let Some(index) = self.slots.index(&h.name) {
+                self.failed(index, why);
+            }
+            if let Err(e) = self.rollback(&h.name, h.shadow_version) {
+                tracing::error!("local rollback failed: {e:#}");
+            }
+        }
+    }
+
+    fn save(&self, installed: &BTreeMap<String, Entry>) -> anyhow::Result<()> {
+        let path = self.dir.join("installed.json");
+        std::fs::create_dir_all(&self.dir)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(installed)?)?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    fn failed(&self, index: usize, why: String) {
+        Counters::bump(&self.counters.model_update_failures);
+        self.log(why.clone());
+        self.slots.record_failure(index, why);
+    }
+
+    fn log(&self, why: String) {
+        if let Some(suppressed) =
+            lock(&self.limiter).allow("model_update", std::time::Instant::now())
+        {
+            tracing::warn!(suppressed, "model update: {why}");
+        }
+    }
+
+    /// The models folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
