@@ -10,6 +10,10 @@
 //! | `GET /api/v1/models` | served models: replicas ready / existing / desired, bounds |
 //! | `GET /api/v1/decisions` | recent scaling decisions with their inputs |
 //! | `GET /api/v1/history` | replica count, measured rate and forecast demand over time |
+//! | `GET /api/v1/published` | published model versions (signed manifests) |
+//! | `GET /api/v1/rollouts` | every rollout: stage, canary, gates' verdict, events |
+//! | `POST /api/v1/rollouts` | start one: `{"model", "version", "canary_share", "bake_secs", …}` |
+//! | `POST /api/v1/rollouts/{id}/{pause,resume,abort}` | an operator's action |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! Metrics are built from the hub's state at each scrape (the `prometheus` crate's registry
@@ -22,10 +26,11 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::Hub;
+use crate::rollout::Settings as RolloutSettings;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -40,6 +45,9 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/models", get(models))
         .route("/api/v1/decisions", get(decisions))
         .route("/api/v1/history", get(history))
+        .route("/api/v1/published", get(published))
+        .route("/api/v1/rollouts", get(rollouts).post(start_rollout))
+        .route("/api/v1/rollouts/{id}/{action}", post(control_rollout))
         .route("/metrics", get(metrics))
         .with_state(hub)
 }
@@ -71,6 +79,70 @@ async fn replicas(State(hub): State<Arc<Hub>>) -> Response {
 
 async fn models(State(hub): State<Arc<Hub>>) -> Response {
     axum::Json(hub.snapshot().models.clone()).into_response()
+}
+
+async fn published(State(hub): State<Arc<Hub>>) -> Response {
+    match hub.registry.models(None) {
+        Ok(list) => axum::Json(list).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
+    }
+}
+
+async fn rollouts(State(hub): State<Arc<Hub>>) -> Response {
+    axum::Json(hub.rollouts().list.clone()).into_response()
+}
+
+/// A rollout request; what is left out takes [`RolloutSettings::default`].
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRollout {
+    model: String,
+    version: u32,
+    canary_share: Option<f64>,
+    bake_secs: Option<f64>,
+    max_error_rate: Option<f64>,
+    max_p99_ratio: Option<f64>,
+    max_drift: Option<f32>,
+    max_flip_share: Option<f64>,
+    min_shadow_runs: Option<u64>,
+}
+
+async fn start_rollout(
+    State(hub): State<Arc<Hub>>,
+    axum::Json(ask): axum::Json<StartRollout>,
+) -> Response {
+    let d = RolloutSettings::default();
+    let settings = RolloutSettings {
+        canary_share: ask.canary_share.unwrap_or(d.canary_share),
+        bake_ms: ask.bake_secs.map_or(d.bake_ms, |s| (s * 1000.0) as i64),
+        max_error_rate: ask.max_error_rate.unwrap_or(d.max_error_rate),
+        max_p99_ratio: ask.max_p99_ratio.unwrap_or(d.max_p99_ratio),
+        max_drift: ask.max_drift.unwrap_or(d.max_drift),
+        max_flip_share: ask.max_flip_share.unwrap_or(d.max_flip_share),
+        min_shadow_runs: ask.min_shadow_runs.unwrap_or(d.min_shadow_runs),
+        min_inferences: d.min_inferences,
+    };
+    let hub2 = Arc::clone(&hub);
+    let started =
+        tokio::task::spawn_blocking(move || hub2.start_rollout(&ask.model, ask.version, settings))
+            .await;
+    match started {
+        Ok(Ok(rollout)) => (StatusCode::CREATED, axum::Json(rollout)).into_response(),
+        Ok(Err(e)) => (StatusCode::CONFLICT, format!("{e:#}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn control_rollout(
+    State(hub): State<Arc<Hub>>,
+    Path((id, action)): Path<(u64, String)>,
+) -> Response {
+    let done = tokio::task::spawn_blocking(move || hub.control_rollout(id, &action)).await;
+    match done {
+        Ok(Ok(rollout)) => axum::Json(rollout).into_response(),
+        Ok(Err(e)) => (StatusCode::NOT_FOUND, format!("{e:#}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
 }
 
 async fn decisions(State(hub): State<Arc<Hub>>) -> Response {
@@ -168,6 +240,26 @@ pub fn render_metrics(hub: &Hub) -> String {
             "spillway_hub_agents_went_offline_total",
             "Agents marked offline after missed heartbeats",
             &c.went_offline,
+        ),
+        (
+            "spillway_hub_model_downloads_total",
+            "Model downloads served, whole or resumed",
+            &c.downloads,
+        ),
+        (
+            "spillway_hub_model_download_bytes_total",
+            "Model bytes sent to agents",
+            &c.download_bytes,
+        ),
+        (
+            "spillway_hub_model_downloads_refused_total",
+            "Model fetches refused or failed",
+            &c.downloads_refused,
+        ),
+        (
+            "spillway_hub_rollout_orders_total",
+            "Update and rollback orders sent to agents",
+            &c.orders,
         ),
     ] {
         scrape.counter(name, help, value);

@@ -1,4 +1,5 @@
-//! `cloud-hub fleet ls` and `cloud-hub replicas ls`: tables from a running hub's API.
+//! `cloud-hub fleet ls`, `replicas ls`, `rollout …` and `model ls`: tables from a running
+//! hub's API (or its registry), and the requests that change rollouts.
 
 use serde_json::Value;
 
@@ -137,4 +138,164 @@ pub fn replicas_ls(hub: &str, json: bool) -> anyhow::Result<()> {
         rows,
     );
     Ok(())
+}
+
+fn post(hub: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
+    let url = format!("{}{path}", hub.trim_end_matches('/'));
+    let mut response = ureq::post(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_json(body)
+        .map_err(|e| anyhow::anyhow!("POST {url}: {e}"))?;
+    let status = response.status();
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| anyhow::anyhow!("reading {url}: {e}"))?;
+    anyhow::ensure!(status.is_success(), "{}", text.trim());
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{url} did not answer JSON: {e}"))
+}
+
+/// `10%` or `0.1` as a share.
+pub fn parse_share(s: &str) -> anyhow::Result<f64> {
+    let share = match s.trim().strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>()? / 100.0,
+        None => s.trim().parse::<f64>()?,
+    };
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&share),
+        "a share is 0–100 %, not {s:?}"
+    );
+    Ok(share)
+}
+
+/// `300`, `90s`, `5m` or `1h` as seconds.
+pub fn parse_secs(s: &str) -> anyhow::Result<f64> {
+    let s = s.trim();
+    let (number, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = number
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a duration like 90s, 5m or 1h"))?;
+    let factor = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => anyhow::bail!("{s:?}: the unit is ms, s, m or h"),
+    };
+    Ok(n * factor)
+}
+
+/// `cloud-hub rollout start`.
+pub fn rollout_start(hub: &str, ask: &Value) -> anyhow::Result<()> {
+    let r = post(hub, "/api/v1/rollouts", ask)?;
+    println!(
+        "rollout {} started: {} v{}, canary {}",
+        cell(&r["id"]),
+        cell(&r["model"]),
+        cell(&r["version"]),
+        r["canary"]
+            .as_array()
+            .map(|c| c.iter().map(cell).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// `cloud-hub rollout pause|resume|abort`.
+pub fn rollout_action(hub: &str, id: u64, action: &str) -> anyhow::Result<()> {
+    let r = post(
+        hub,
+        &format!("/api/v1/rollouts/{id}/{action}"),
+        &Value::Null,
+    )?;
+    println!(
+        "rollout {id}: {}{}",
+        cell(&r["stage"]),
+        if r["paused"] == Value::Bool(true) {
+            ", paused"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// `cloud-hub rollout status`.
+pub fn rollout_status(hub: &str, json: bool) -> anyhow::Result<()> {
+    let list = get(hub, "/api/v1/rollouts")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    let rows = list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    vec![
+                        cell(&r["id"]),
+                        cell(&r["model"]),
+                        format!("v{}", cell(&r["version"])),
+                        format!(
+                            "{}{}",
+                            cell(&r["stage"]),
+                            if r["paused"] == Value::Bool(true) {
+                                " (paused)"
+                            } else {
+                                ""
+                            }
+                        ),
+                        r["canary"].as_array().map_or(0, Vec::len).to_string(),
+                        r["reason"].as_str().unwrap_or("-").to_owned(),
+                        r["events"]
+                            .as_array()
+                            .and_then(|e| e.last())
+                            .and_then(|e| e[1].as_str())
+                            .unwrap_or("-")
+                            .to_owned(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "ID",
+            "MODEL",
+            "VERSION",
+            "STAGE",
+            "CANARY",
+            "REASON",
+            "LAST EVENT",
+        ],
+        rows,
+    );
+    Ok(())
+}
+
+/// `cloud-hub model ls`.
+pub fn print_published(list: &[protocol::manifest::SignedManifest]) {
+    let rows = list
+        .iter()
+        .map(|s| {
+            let m = &s.manifest;
+            vec![
+                m.name.clone(),
+                format!("v{}", m.version),
+                m.size.to_string(),
+                m.sha256[..12.min(m.sha256.len())].to_owned(),
+                format!("{:?}", m.input_shape),
+                m.min_agent_version.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["MODEL", "VERSION", "BYTES", "SHA256", "INPUT", "MIN AGENT"],
+        rows,
+    );
 }

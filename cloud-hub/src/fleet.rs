@@ -288,6 +288,25 @@ impl Fleet {
     }
 
     /// Every agent, by name.
+    /// Each agent's name, site, whether it is online, and its models' health, for rollouts.
+    pub fn health(&self) -> Vec<(String, String, bool, Vec<protocol::frame::ModelHealth>)> {
+        self.agents
+            .iter()
+            .map(|(name, s)| {
+                (
+                    name.clone(),
+                    s.record.site.clone(),
+                    s.online,
+                    s.heartbeat
+                        .as_ref()
+                        .map(|h| h.health.clone())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Every agent, by name.
     pub fn views(&self) -> Vec<AgentView> {
         let mut v: Vec<AgentView> = self.agents.values().map(view).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));

@@ -10,6 +10,7 @@
 // The hub is a driver: it stamps sessions and sweeps with the clock.
 #![allow(clippy::disallowed_methods)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use protocol::frame::{Heartbeat, Hello, ReplicaSet};
+use protocol::frame::{Heartbeat, Hello, Message, ModelHealth, ModelVersion, ReplicaSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Fleet;
@@ -26,6 +27,7 @@ use crate::replicas::{
     self, Backend, ManagerCounters, ManagerSettings, ModelSpec, ProcessBackend, Published,
     Snapshot, unix_ms,
 };
+use crate::rollout::{AgentReport, Order, Rollout, Settings as RolloutSettings, Stage};
 use crate::state::{self, HubDir};
 
 /// How the hub runs.
@@ -51,6 +53,8 @@ pub struct HubSettings {
     pub tick: Duration,
     /// The `cloud-hub` executable the process backend starts replicas with.
     pub exe: PathBuf,
+    /// Model download rate per agent, bytes per second (0: as fast as QUIC goes).
+    pub download_rate: u64,
 }
 
 /// Event counts, for metrics.
@@ -80,6 +84,14 @@ pub struct HubCounters {
     pub enrol_bad_request: AtomicU64,
     /// Agents that went offline by silence.
     pub went_offline: AtomicU64,
+    /// Model downloads served (whole or resumed).
+    pub downloads: AtomicU64,
+    /// Model bytes sent.
+    pub download_bytes: AtomicU64,
+    /// Model fetches refused (unknown digest, bad offset, too many at once).
+    pub downloads_refused: AtomicU64,
+    /// Update and rollback orders sent to agents.
+    pub orders: AtomicU64,
 }
 
 /// What sessions, the manager, the sweeper and the API share.
@@ -103,8 +115,39 @@ pub struct Hub {
     pub manager: Arc<ManagerCounters>,
     /// The model-signing public key.
     pub public_key: Vec<u8>,
+    /// Model rollouts.
+    pub rollouts: Mutex<Rollouts>,
+    /// Each connected agent's session id and the queue of messages to push to it.
+    mailboxes: Mutex<HashMap<String, (u64, tokio::sync::mpsc::Sender<Message>)>>,
     next_session: AtomicU64,
     open: AtomicUsize,
+}
+
+/// Messages waiting for one agent's session, at most.
+const MAILBOX: usize = 16;
+
+/// An order not yet carried out is sent again after this long, ms.
+const RESEND_MS: i64 = 10_000;
+
+/// The rollouts, and which orders went out when.
+#[derive(Debug, Default)]
+pub struct Rollouts {
+    /// Every rollout, oldest first; the newest of a model is the one that acts.
+    pub list: Vec<Rollout>,
+    /// (agent, model) → (order, the rollout's version, when sent).
+    sent: HashMap<(String, String), (Order, u32, i64)>,
+}
+
+impl Rollouts {
+    /// The newest rollout of `model`.
+    pub fn current(&mut self, model: &str) -> Option<&mut Rollout> {
+        self.list.iter_mut().rev().find(|r| r.model == model)
+    }
+
+    /// Rollout `id`.
+    pub fn get(&mut self, id: u64) -> Option<&mut Rollout> {
+        self.list.iter_mut().find(|r| r.id == id)
+    }
 }
 
 impl Hub {
@@ -128,12 +171,161 @@ impl Hub {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Registers a new session for `hello`; returns its id.
-    pub fn open_session(&self, hello: &Hello) -> u64 {
+    /// Registers a new session for `hello`; returns its id and the messages to push to it.
+    pub fn open_session(&self, hello: &Hello) -> (u64, tokio::sync::mpsc::Receiver<Message>) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed) + 1;
         self.open.fetch_add(1, Ordering::Relaxed);
         self.fleet().hello(hello, id, unix_ms());
-        id
+        let (tx, rx) = tokio::sync::mpsc::channel(MAILBOX);
+        self.mailboxes().insert(hello.agent.clone(), (id, tx));
+        // A new session gets every order again.
+        self.rollouts()
+            .sent
+            .retain(|(agent, _), _| agent != &hello.agent);
+        (id, rx)
+    }
+
+    fn mailboxes(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (u64, tokio::sync::mpsc::Sender<Message>)>> {
+        self.mailboxes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The rollouts, locked.
+    pub fn rollouts(&self) -> std::sync::MutexGuard<'_, Rollouts> {
+        self.rollouts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `message` for `agent`'s session; false if it has none or its queue is full.
+    pub fn push(&self, agent: &str, message: Message) -> bool {
+        self.mailboxes()
+            .get(agent)
+            .is_some_and(|(_, tx)| tx.try_send(message).is_ok())
+    }
+
+    /// Starts rolling `version` of `model` out; returns the rollout.
+    pub fn start_rollout(
+        &self,
+        model: &str,
+        version: u32,
+        settings: RolloutSettings,
+    ) -> anyhow::Result<Rollout> {
+        self.registry
+            .model(model, version)?
+            .with_context(|| format!("{model} v{version} is not published"))?;
+        let now = unix_ms();
+        let agents = self.fleet().health();
+        let reports = reports(&agents, model);
+        let mut rollouts = self.rollouts();
+        if let Some(r) = rollouts.current(model)
+            && matches!(r.stage, Stage::Canary | Stage::Full)
+        {
+            anyhow::bail!(
+                "rollout {} of {model} v{} is still going; abort it first",
+                r.id,
+                r.version
+            );
+        }
+        let id = rollouts.list.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+        let rollout = Rollout::start(id, model, version, settings, &reports, now)
+            .map_err(anyhow::Error::msg)?;
+        self.registry
+            .save_rollout(id, model, &serde_json::to_string(&rollout)?, now)?;
+        rollouts.list.push(rollout.clone());
+        tracing::info!(model, version, id, canary = ?rollout.canary, "rollout started");
+        Ok(rollout)
+    }
+
+    /// Applies an operator's `action` (pause, resume, abort) to rollout `id`.
+    pub fn control_rollout(&self, id: u64, action: &str) -> anyhow::Result<Rollout> {
+        let now = unix_ms();
+        let mut rollouts = self.rollouts();
+        let r = rollouts
+            .get(id)
+            .with_context(|| format!("no rollout {id}"))?;
+        match action {
+            "pause" => r.pause(now),
+            "resume" => r.resume(now),
+            "abort" => r.abort(now),
+            other => anyhow::bail!("unknown action {other:?}: pause, resume or abort"),
+        }
+        let r = r.clone();
+        self.registry
+            .save_rollout(id, &r.model, &serde_json::to_string(&r)?, now)?;
+        Ok(r)
+    }
+
+    /// Steps every model's current rollout and sends the orders that are due.
+    fn step_rollouts(&self) {
+        let now = unix_ms();
+        let agents = self.fleet().health();
+        let mut rollouts = self.rollouts();
+        let models: Vec<String> = {
+            let mut m: Vec<String> = rollouts.list.iter().map(|r| r.model.clone()).collect();
+            m.sort();
+            m.dedup();
+            m
+        };
+        let mut due = Vec::new();
+        for model in models {
+            let reports = reports(&agents, &model);
+            let Some(r) = rollouts.current(&model) else {
+                continue;
+            };
+            let was = r.clone();
+            let orders = r.step(&reports, now);
+            if *r != was {
+                if r.stage != was.stage {
+                    tracing::info!(model = %r.model, version = r.version, stage = ?r.stage, reason = ?r.reason, "rollout moved");
+                }
+                match serde_json::to_string(&*r) {
+                    Ok(json) => {
+                        if let Err(e) = self.registry.save_rollout(r.id, &r.model, &json, now) {
+                            tracing::error!("storing rollout {}: {e:#}", r.id);
+                        }
+                    }
+                    Err(e) => tracing::error!("rollout {} does not serialise: {e}", r.id),
+                }
+            }
+            let version = r.version;
+            for order in orders {
+                let agent = match &order {
+                    Order::Update { agent } | Order::Rollback { agent, .. } => agent.clone(),
+                };
+                let key = (agent, model.clone());
+                if rollouts
+                    .sent
+                    .get(&key)
+                    .is_some_and(|(o, v, at)| *o == order && *v == version && now - at < RESEND_MS)
+                {
+                    continue;
+                }
+                rollouts
+                    .sent
+                    .insert(key.clone(), (order.clone(), version, now));
+                due.push((key.0, model.clone(), version, order));
+            }
+        }
+        drop(rollouts);
+        for (agent, model, version, order) in due {
+            let message = match order {
+                Order::Update { .. } => match self.registry.model(&model, version) {
+                    Ok(Some(signed)) => Message::ModelUpdate(signed),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::error!("reading {model} v{version}: {e:#}");
+                        continue;
+                    }
+                },
+                Order::Rollback { to, .. } => Message::ModelRollback(ModelVersion {
+                    name: model.clone(),
+                    version: to,
+                }),
+            };
+            if self.push(&agent, message) {
+                Hub::bump(&self.counters.orders);
+            }
+        }
     }
 
     /// A heartbeat on session `id`.
@@ -153,6 +345,10 @@ impl Hub {
     pub fn close_session(&self, agent: &str, id: u64) {
         self.open.fetch_sub(1, Ordering::Relaxed);
         self.fleet().closed(agent, id);
+        let mut mailboxes = self.mailboxes();
+        if mailboxes.get(agent).is_some_and(|(s, _)| *s == id) {
+            mailboxes.remove(agent);
+        }
     }
 
     /// Served model names.
@@ -216,6 +412,7 @@ pub async fn run(
         http: http.local_addr()?,
     };
     let (sets, _) = tokio::sync::watch::channel(Vec::new());
+    let rollouts = load_rollouts(&registry)?;
     let hub = Arc::new(Hub {
         dir: dir.clone(),
         fleet: Mutex::new(fleet),
@@ -225,6 +422,11 @@ pub async fn run(
         counters: HubCounters::default(),
         manager: Arc::new(ManagerCounters::default()),
         public_key: dir.public_key()?,
+        rollouts: Mutex::new(Rollouts {
+            list: rollouts,
+            sent: HashMap::new(),
+        }),
+        mailboxes: Mutex::default(),
         next_session: AtomicU64::new(0),
         open: AtomicUsize::new(0),
         settings,
@@ -297,9 +499,38 @@ async fn sweep(hub: Arc<Hub>, shutdown: CancellationToken) {
         }
         n += 1;
         // Agent records reach the disk every 2 s, in one transaction.
+        // Rollouts advance every second.
+        if n.is_multiple_of(4) {
+            let hub = Arc::clone(&hub);
+            let _ = tokio::task::spawn_blocking(move || hub.step_rollouts()).await;
+        }
         if n.is_multiple_of(8) {
             let hub = Arc::clone(&hub);
             let _ = tokio::task::spawn_blocking(move || hub.flush(false)).await;
         }
     }
+}
+
+/// The fleet's reports as a rollout of `model` reads them.
+fn reports<'a>(
+    agents: &'a [(String, String, bool, Vec<ModelHealth>)],
+    model: &str,
+) -> Vec<AgentReport<'a>> {
+    agents
+        .iter()
+        .map(|(name, site, online, health)| AgentReport {
+            name,
+            site,
+            online: *online,
+            health: health.iter().find(|h| h.name == model),
+        })
+        .collect()
+}
+
+fn load_rollouts(registry: &Registry) -> anyhow::Result<Vec<Rollout>> {
+    registry
+        .rollouts()?
+        .iter()
+        .map(|json| serde_json::from_str(json).context("a stored rollout does not parse"))
+        .collect()
 }

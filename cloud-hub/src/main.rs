@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
+use anyhow::Context;
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use cloud_hub::autoscale::ScalerSettings;
 use cloud_hub::ca::{self, Role};
@@ -59,6 +60,16 @@ enum Command {
     Replicas {
         #[command(subcommand)]
         command: ListCommand,
+    },
+    /// Published models: publish a version (checked, stored, signed), list, show.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Roll a published version out (canary, bake, all), watch it, pause, resume, abort.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
     },
     /// The fleet's certificate authority.
     Ca {
@@ -124,6 +135,95 @@ enum CaCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Check that the model loads and runs with tract, store it by digest, sign its manifest.
+    Publish {
+        /// The ONNX file.
+        file: PathBuf,
+        /// Model name (as agents and replicas call it).
+        #[arg(long)]
+        name: String,
+        /// Version (default: one above the newest published).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Input shape where the model leaves dimensions open, e.g. 1,1,1024.
+        #[arg(long, value_delimiter = ',')]
+        input_shape: Option<Vec<usize>>,
+        /// The oldest agent version that may run it.
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        min_agent_version: String,
+        /// The state folder.
+        #[arg(long, default_value = "spillway-hub")]
+        dir: PathBuf,
+    },
+    /// Every published version.
+    Ls {
+        /// The state folder.
+        #[arg(long, default_value = "spillway-hub")]
+        dir: PathBuf,
+    },
+    /// One model's versions with their manifests.
+    Show {
+        /// Model name.
+        name: String,
+        /// The state folder.
+        #[arg(long, default_value = "spillway-hub")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Start rolling a published version out.
+    Start {
+        /// Model name.
+        model: String,
+        /// The version to roll out.
+        #[arg(long)]
+        version: u32,
+        /// Share of the agents that get it first: `10%` or `0.1`.
+        #[arg(long, default_value = "10%")]
+        canary: String,
+        /// How long the canary runs it before everyone gets it: `300`, `90s`, `5m`, `1h`.
+        #[arg(long, default_value = "5m")]
+        bake: String,
+        /// Highest mean absolute score difference from the previous version.
+        #[arg(long)]
+        max_drift: Option<f32>,
+        /// Highest share of windows where the anomaly decision differs.
+        #[arg(long)]
+        max_flip_share: Option<f64>,
+        /// The hub's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:8080", env = "SPILLWAY_HUB")]
+        hub: String,
+    },
+    /// Every rollout with its stage and events.
+    Status {
+        /// The hub's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:8080", env = "SPILLWAY_HUB")]
+        hub: String,
+        /// Print the API's JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold new updates of rollout ID.
+    Pause(RolloutId),
+    /// Let rollout ID go on.
+    Resume(RolloutId),
+    /// Stop rollout ID and send every updated agent back.
+    Abort(RolloutId),
+}
+
+#[derive(Debug, ClapArgs)]
+struct RolloutId {
+    /// The rollout's id (`rollout status`).
+    id: u64,
+    /// The hub's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "SPILLWAY_HUB")]
+    hub: String,
+}
+
+#[derive(Debug, Subcommand)]
 enum ListCommand {
     /// List as a table.
     Ls {
@@ -184,6 +284,9 @@ struct ServeArgs {
     /// The replica manager's tick, ms.
     #[arg(long, default_value_t = 1000)]
     tick_ms: u64,
+    /// Model download rate per agent, bytes per second (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    download_rate: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -225,6 +328,38 @@ fn main() -> anyhow::Result<()> {
         Command::Replicas {
             command: ListCommand::Ls { hub, json },
         } => cloud_hub::client::replicas_ls(&hub, json)?,
+        Command::Model { command } => model(command)?,
+        Command::Rollout { command } => match command {
+            RolloutCommand::Start {
+                model,
+                version,
+                canary,
+                bake,
+                max_drift,
+                max_flip_share,
+                hub,
+            } => {
+                let mut ask = serde_json::json!({
+                    "model": model,
+                    "version": version,
+                    "canary_share": cloud_hub::client::parse_share(&canary)?,
+                    "bake_secs": cloud_hub::client::parse_secs(&bake)?,
+                });
+                if let Some(d) = max_drift {
+                    ask["max_drift"] = d.into();
+                }
+                if let Some(f) = max_flip_share {
+                    ask["max_flip_share"] = f.into();
+                }
+                cloud_hub::client::rollout_start(&hub, &ask)?;
+            }
+            RolloutCommand::Status { hub, json } => cloud_hub::client::rollout_status(&hub, json)?,
+            RolloutCommand::Pause(r) => cloud_hub::client::rollout_action(&r.hub, r.id, "pause")?,
+            RolloutCommand::Resume(r) => {
+                cloud_hub::client::rollout_action(&r.hub, r.id, "resume")?;
+            }
+            RolloutCommand::Abort(r) => cloud_hub::client::rollout_action(&r.hub, r.id, "abort")?,
+        },
         Command::Ca { command } => match command {
             CaCommand::Init { dir, name } => {
                 let paths = ca::init(&dir, &name, SystemTime::now())?;
@@ -380,6 +515,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         replica_workers: args.replica_workers,
         tick: Duration::from_millis(args.tick_ms),
         exe: std::env::current_exe()?,
+        download_rate: args.download_rate,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -394,4 +530,64 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         hub.await?
     })
+}
+
+fn model(command: ModelCommand) -> anyhow::Result<()> {
+    let open = |dir: &PathBuf| -> anyhow::Result<(HubDir, cloud_hub::registry::Registry)> {
+        let hub = HubDir::new(dir);
+        anyhow::ensure!(
+            hub.exists(),
+            "{} is not a hub state folder: run `cloud-hub init` first",
+            dir.display()
+        );
+        let registry = cloud_hub::registry::Registry::open(&hub.database())?;
+        Ok((hub, registry))
+    };
+    match command {
+        ModelCommand::Publish {
+            file,
+            name,
+            version,
+            input_shape,
+            min_agent_version,
+            dir,
+        } => {
+            let (hub, registry) = open(&dir)?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let signed = cloud_hub::store::publish(
+                &hub,
+                &registry,
+                &cloud_hub::store::Publication {
+                    bytes: &bytes,
+                    name: &name,
+                    version,
+                    input_shape: input_shape.as_deref(),
+                    min_agent_version: &min_agent_version,
+                    now: cloud_hub::replicas::unix_ms(),
+                },
+            )?;
+            let m = &signed.manifest;
+            println!(
+                "published {} v{}: {} bytes, sha256 {}, input {:?}, outputs {}",
+                m.name,
+                m.version,
+                m.size,
+                m.sha256,
+                m.input_shape,
+                m.outputs.join(", ")
+            );
+        }
+        ModelCommand::Ls { dir } => {
+            let (_, registry) = open(&dir)?;
+            cloud_hub::client::print_published(&registry.models(None)?);
+        }
+        ModelCommand::Show { name, dir } => {
+            let (_, registry) = open(&dir)?;
+            let versions = registry.models(Some(&name))?;
+            anyhow::ensure!(!versions.is_empty(), "no published model {name:?}");
+            println!("{}", serde_json::to_string_pretty(&versions)?);
+        }
+    }
+    Ok(())
 }

@@ -14,12 +14,13 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use protocol::frame::{
-    self, Decoded, Decoder, Enroll, Enrolled, Error, ErrorCode, Hello, Message, PROTOCOL_VERSION,
-    Welcome,
+    self, Decoded, Decoder, Enroll, Enrolled, Error, ErrorCode, Hello, Message, ModelData,
+    PROTOCOL_VERSION, Welcome,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -108,7 +109,7 @@ impl FrameReader {
 }
 
 async fn connection(
-    hub: &Hub,
+    hub: &Arc<Hub>,
     conn: &quinn::Connection,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -241,7 +242,7 @@ async fn enrol(
 }
 
 async fn session(
-    hub: &Hub,
+    hub: &Arc<Hub>,
     conn: &quinn::Connection,
     mut send: quinn::SendStream,
     mut reader: FrameReader,
@@ -275,7 +276,7 @@ async fn session(
         )
         .await;
     }
-    let id = hub.open_session(&hello);
+    let (id, mut mailbox) = hub.open_session(&hello);
     Hub::bump(&hub.counters.sessions);
     tracing::info!(agent = %name, site = %hello.site, version = %hello.agent_version, session = id, "agent connected");
     let mut sets = hub.sets.subscribe();
@@ -286,11 +287,34 @@ async fn session(
         replicas: sets.borrow_and_update().clone(),
         hub_public_key: hub.public_key.clone(),
     });
+    let fetches = Arc::new(AtomicUsize::new(0));
     let result = async {
         send.write_all(&frame::encode(&welcome)).await?;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return anyhow::Ok(()),
+                Some(message) = mailbox.recv() => {
+                    send.write_all(&frame::encode(&message)).await?;
+                }
+                stream = conn.accept_bi() => {
+                    let (send, recv) = stream?;
+                    if fetches.load(Ordering::Relaxed) >= MAX_FETCHES {
+                        Hub::bump(&hub.counters.downloads_refused);
+                        drop((send, recv));
+                        continue;
+                    }
+                    fetches.fetch_add(1, Ordering::Relaxed);
+                    let (hub, fetches, name) = (Arc::clone(hub), Arc::clone(&fetches), name.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_fetch(&hub, send, recv).await {
+                            Hub::bump(&hub.counters.downloads_refused);
+                            if sampled(&hub.counters.session_errors) {
+                                tracing::warn!(agent = %name, "model download: {e:#}");
+                            }
+                        }
+                        fetches.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
                 changed = sets.changed() => {
                     if changed.is_err() {
                         return Ok(());
@@ -326,4 +350,89 @@ async fn session(
         conn.close(0u32.into(), b"hub stopping");
     }
     result
+}
+
+/// Model downloads one agent may run at once.
+const MAX_FETCHES: usize = 2;
+
+/// Sends model bytes on a stream the agent opened with [`Message::FetchModel`]: a
+/// [`Message::ModelData`] header, then the raw bytes from the asked offset, paced to the
+/// hub's download rate.
+async fn serve_fetch(
+    hub: &Hub,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut reader = FrameReader::new(recv);
+    let ask = match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
+        Ok(Ok(Some(Message::FetchModel(ask)))) => ask,
+        Ok(Ok(Some(other))) => anyhow::bail!("{} on a download stream", other.kind()),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => anyhow::bail!("no fetch request in time"),
+    };
+    let refuse = |message: String| {
+        frame::encode(&Message::Error(Error {
+            id: None,
+            code: ErrorCode::BadRequest,
+            message,
+        }))
+    };
+    // The digest names a file: only 64 hex digits may do that.
+    let is_digest = ask.sha256.len() == 64
+        && ask
+            .sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let path = crate::store::blob_path(&hub.dir, &ask.sha256);
+    let file = if is_digest {
+        tokio::fs::File::open(&path).await.ok()
+    } else {
+        None
+    };
+    let Some(mut file) = file else {
+        send.write_all(&refuse(format!("no model with digest {:?}", ask.sha256)))
+            .await?;
+        let _ = send.finish();
+        anyhow::bail!("unknown model digest {:?}", ask.sha256);
+    };
+    let size = file.metadata().await?.len();
+    if ask.offset > size {
+        send.write_all(&refuse(format!(
+            "offset {} beyond {size} bytes",
+            ask.offset
+        )))
+        .await?;
+        let _ = send.finish();
+        anyhow::bail!("offset {} beyond {size} bytes", ask.offset);
+    }
+    Hub::bump(&hub.counters.downloads);
+    send.write_all(&frame::encode(&Message::ModelData(ModelData {
+        offset: ask.offset,
+        len: size - ask.offset,
+    })))
+    .await?;
+    file.seek(std::io::SeekFrom::Start(ask.offset)).await?;
+    let rate = hub.settings.download_rate;
+    let mut chunk = vec![0u8; 64 << 10];
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let n = file.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        send.write_all(&chunk[..n]).await?;
+        sent += n as u64;
+        hub.counters
+            .download_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        if rate > 0 {
+            tokio::time::sleep_until(started + Duration::from_secs_f64(sent as f64 / rate as f64))
+                .await;
+        }
+    }
+    send.finish()?;
+    Ok(())
 }

@@ -39,6 +39,20 @@ use crate::telemetry::{Counters, LogLimiter};
 /// switched back without waiting for the hub.
 const LOCAL_FAILURE_LIMIT: u64 = 5;
 
+/// Why an install did not happen.
+enum Failure {
+    /// The update is wrong for this agent (or broken): reported to the hub's gates.
+    Refused(anyhow::Error),
+    /// The transfer broke off: tried again when the hub sends the update again.
+    Interrupted(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Refused(e.into())
+    }
+}
+
 /// What is installed for one model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Entry {
@@ -136,8 +150,13 @@ impl Updater {
         }
         let result = self.install(index, &conn, signed).await;
         lock(&self.busy).remove(&name);
-        if let Err(e) = result {
-            self.failed(index, format!("{e:#}"));
+        match result {
+            Ok(()) => {}
+            Err(Failure::Refused(e)) => self.failed(index, format!("{e:#}")),
+            // Not the update's fault: the part stays, and the hub's next order resumes it.
+            Err(Failure::Interrupted(e)) => {
+                self.log(format!("{name}: download interrupted: {e:#}"))
+            }
         }
     }
 
@@ -146,59 +165,34 @@ impl Updater {
         index: usize,
         conn: &quinn::Connection,
         signed: SignedManifest,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), Failure> {
         let current = self.slots.get(index);
         let m = signed.manifest.clone();
         if m.version == current.version {
             return Ok(());
         }
-        if m.version < current.version {
-            bail!(
-                "{} v{} refused: v{} serves already (no downgrades)",
-                m.name,
-                m.version,
-                current.version
-            );
-        }
-        if lock(&self.installed)
+        let refused = lock(&self.installed)
             .get(&m.name)
-            .is_some_and(|e| e.refused.contains(&m.version))
-        {
-            bail!("{} v{} refused: it was rolled back here", m.name, m.version);
-        }
+            .map(|e| e.refused.clone())
+            .unwrap_or_default();
         let key = std::fs::read(&self.hub_key).context("no pinned hub key to check the update")?;
-        signed.verify(&key)?;
-        let agent = env!("CARGO_PKG_VERSION");
-        if !version_at_least(agent, &m.min_agent_version) {
-            bail!(
-                "{} v{} needs agent {} or newer; this is {agent}",
-                m.name,
-                m.version,
-                m.min_agent_version
-            );
-        }
-        if m.input_len() != current.window {
-            bail!(
-                "{} v{} takes input {:?} ({} values); the windows hold {}",
-                m.name,
-                m.version,
-                m.input_shape,
-                m.input_len(),
-                current.window
-            );
-        }
-        if m.size > self.max_bytes {
-            bail!(
-                "{} v{} is {} bytes; hub.max_model_bytes is {}",
-                m.name,
-                m.version,
-                m.size,
-                self.max_bytes
-            );
-        }
+        vet(
+            &signed,
+            &Current {
+                version: current.version,
+                window: current.window,
+                refused: &refused,
+                agent_version: env!("CARGO_PKG_VERSION"),
+                max_bytes: self.max_bytes,
+            },
+            &key,
+        )?;
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
-        let bytes = self.download(conn, &m.sha256, m.size).await?;
+        let bytes = self
+            .download(conn, &m.sha256, m.size)
+            .await
+            .map_err(Failure::Interrupted)?;
         if let Err(e) = m.check_bytes(&bytes) {
             let _ = std::fs::remove_file(self.part(&m.sha256));
             return Err(e.into());
@@ -444,6 +438,143 @@ impl Updater {
     }
 }
 
+/// What an update is checked against.
+#[derive(Debug)]
+struct Current<'a> {
+    version: u32,
+    window: usize,
+    refused: &'a [u32],
+    agent_version: &'a str,
+    max_bytes: u64,
+}
+
+/// The checks made before a byte is fetched: newer, not refused before, signed by the pinned
+/// key, agent new enough, one window per input, not too large.
+fn vet(signed: &SignedManifest, current: &Current<'_>, pinned_key: &[u8]) -> anyhow::Result<()> {
+    let m = &signed.manifest;
+    if m.version <= current.version {
+        bail!(
+            "{} v{} refused: v{} serves already (no downgrades)",
+            m.name,
+            m.version,
+            current.version
+        );
+    }
+    if current.refused.contains(&m.version) {
+        bail!("{} v{} refused: it was rolled back here", m.name, m.version);
+    }
+    signed.verify(pinned_key)?;
+    if !version_at_least(current.agent_version, &m.min_agent_version) {
+        bail!(
+            "{} v{} needs agent {} or newer; this is {}",
+            m.name,
+            m.version,
+            m.min_agent_version,
+            current.agent_version
+        );
+    }
+    if m.input_len() != current.window {
+        bail!(
+            "{} v{} takes input {:?} ({} values); the windows hold {}",
+            m.name,
+            m.version,
+            m.input_shape,
+            m.input_len(),
+            current.window
+        );
+    }
+    if m.size > current.max_bytes {
+        bail!(
+            "{} v{} is {} bytes; hub.max_model_bytes is {}",
+            m.name,
+            m.version,
+            m.size,
+            current.max_bytes
+        );
+    }
+    Ok(())
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::manifest::Manifest;
+    use ring::rand::SystemRandom;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    fn key() -> Ed25519KeyPair {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("keygen");
+        Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key")
+    }
+
+    fn signed(version: u32, shape: Vec<usize>, key: &Ed25519KeyPair) -> SignedManifest {
+        let manifest = Manifest {
+            name: "bearing-cnn".into(),
+            version,
+            sha256: "00".repeat(32),
+            size: 13_000,
+            input_shape: shape,
+            outputs: vec!["score".into()],
+            min_agent_version: "0.1.0".into(),
+            created_at: 0,
+        };
+        SignedManifest {
+            signature: key.sign(&manifest.signing_bytes()).as_ref().to_vec(),
+            manifest,
+        }
+    }
+
+    fn current(refused: &[u32]) -> Current<'_> {
+        Current {
+            version: 2,
+            window: 1024,
+            refused,
+            agent_version: "0.1.0",
+            max_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn only_a_newer_signed_fitting_version_passes() {
+        let hub = key();
+        let pinned = hub.public_key().as_ref().to_vec();
+        let ok = signed(3, vec![1, 1, 1024], &hub);
+        assert!(vet(&ok, &current(&[]), &pinned).is_ok());
+
+        let refuse = |s: &SignedManifest, c: &Current<'_>, want: &str| {
+            let err = vet(s, c, &pinned).expect_err(want).to_string();
+            assert!(err.contains(want), "{err:?} should say {want:?}");
+        };
+        refuse(
+            &signed(1, vec![1, 1, 1024], &hub),
+            &current(&[]),
+            "no downgrades",
+        );
+        refuse(
+            &signed(2, vec![1, 1, 1024], &hub),
+            &current(&[]),
+            "no downgrades",
+        );
+        refuse(&ok, &current(&[3]), "rolled back here");
+        refuse(
+            &signed(3, vec![1, 1, 1024], &key()),
+            &current(&[]),
+            "not signed by the pinned hub key",
+        );
+        refuse(
+            &signed(3, vec![1, 1, 256], &hub),
+            &current(&[]),
+            "the windows hold 1024",
+        );
+        let mut big = current(&[]);
+        big.max_bytes = 1000;
+        refuse(&ok, &big, "max_model_bytes");
+        let mut old = current(&[]);
+        old.agent_version = "0.0.9";
+        refuse(&ok, &old, "needs agent 0.1.0");
+    }
 }

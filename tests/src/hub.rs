@@ -86,6 +86,50 @@ impl HubProcess {
         Ok(String::from_utf8(out.stdout)?.trim().to_owned())
     }
 
+    /// Runs `cloud-hub ARGS…` against this hub: `--dir` after `model` commands, `--hub`
+    /// after `rollout` commands. Returns stdout, or fails with stderr.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut command = Command::new(workspace_binary("cloud-hub")?);
+        command.args(args);
+        match args.first() {
+            Some(&"model") => {
+                command.arg("--dir").arg(self.dir.path());
+            }
+            Some(&"rollout") => {
+                command.args(["--hub", &self.http]);
+            }
+            _ => {}
+        }
+        let out = command.output()?;
+        if !out.status.success() {
+            bail!(
+                "cloud-hub {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// The version of `model` that `agent` reports running.
+    pub fn model_version(&self, agent: &str, model: &str) -> Option<u32> {
+        let view = self.agent(agent)?;
+        view["models"].as_str()?.split(',').find_map(|m| {
+            let (name, version) = m.split_once('@')?;
+            (name == model).then(|| version.parse().ok())?
+        })
+    }
+
+    /// Rollout `id` as the API shows it.
+    pub fn rollout(&self, id: u64) -> Option<serde_json::Value> {
+        self.get("/api/v1/rollouts")
+            .ok()?
+            .as_array()?
+            .iter()
+            .find(|r| r["id"].as_u64() == Some(id))
+            .cloned()
+    }
+
     /// Stops the hub with SIGTERM (bounded wait).
     pub fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {

@@ -249,6 +249,7 @@ async fn start_hub(
         replica_workers: 1,
         tick: Duration::from_millis(500),
         exe: std::env::current_exe()?,
+        download_rate: 0,
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(cloud_hub::hub::run(settings, ready_tx, shutdown));
