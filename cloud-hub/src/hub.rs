@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Fleet;
 use crate::registry::Registry;
+use crate::replica::ModelSource;
 use crate::replicas::{
     self, Backend, ManagerCounters, ManagerSettings, ModelSpec, ProcessBackend, Published,
-    Snapshot, unix_ms,
+    ServedVersion, Snapshot, Versions, unix_ms,
 };
 use crate::rollout::{AgentReport, Order, Rollout, Settings as RolloutSettings, Stage};
 use crate::state::{self, HubDir};
@@ -117,6 +118,8 @@ pub struct Hub {
     pub public_key: Vec<u8>,
     /// Model rollouts.
     pub rollouts: Mutex<Rollouts>,
+    /// The version each model's replicas serve, as the rollouts decide.
+    pub versions: tokio::sync::watch::Sender<Versions>,
     /// Each connected agent's session id and the queue of messages to push to it.
     mailboxes: Mutex<HashMap<String, (u64, tokio::sync::mpsc::Sender<Message>)>>,
     next_session: AtomicU64,
@@ -306,7 +309,31 @@ impl Hub {
                 due.push((key.0, model.clone(), version, order));
             }
         }
+        let replicas = replica_versions(&rollouts.list);
         drop(rollouts);
+        let mut wanted = Versions::default();
+        for (model, version) in replicas {
+            match self.registry.model(&model, version) {
+                Ok(Some(signed)) => {
+                    let path = crate::store::blob_path(&self.dir, &signed.manifest.sha256);
+                    wanted.insert(
+                        model,
+                        ServedVersion {
+                            version,
+                            source: ModelSource::Path(path),
+                            input_shape: signed.manifest.input_shape,
+                        },
+                    );
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!("reading {model} v{version}: {e:#}"),
+            }
+        }
+        self.versions.send_if_modified(|v| {
+            let changed = *v != wanted;
+            *v = wanted;
+            changed
+        });
         for (agent, model, version, order) in due {
             let message = match order {
                 Order::Update { .. } => match self.registry.model(&model, version) {
@@ -427,6 +454,7 @@ pub async fn run(
             sent: HashMap::new(),
         }),
         mailboxes: Mutex::default(),
+        versions: tokio::sync::watch::Sender::new(Versions::default()),
         next_session: AtomicU64::new(0),
         open: AtomicUsize::new(0),
         settings,
@@ -458,6 +486,7 @@ pub async fn run(
             server_name: state::SERVER_NAME.into(),
         },
         demand,
+        hub.versions.subscribe(),
         Published {
             sets: hub.sets.clone(),
             snapshot: Arc::clone(&hub.snapshot),
@@ -533,4 +562,16 @@ fn load_rollouts(registry: &Registry) -> anyhow::Result<Vec<Rollout>> {
         .iter()
         .map(|json| serde_json::from_str(json).context("a stored rollout does not parse"))
         .collect()
+}
+
+/// The version replicas of each model serve: that of the newest rollout that reached every
+/// agent (full or done). A model without one serves its configured version.
+fn replica_versions(list: &[Rollout]) -> Vec<(String, u32)> {
+    let mut out: Vec<(String, u32)> = Vec::new();
+    for r in list.iter().rev() {
+        if matches!(r.stage, Stage::Full | Stage::Done) && !out.iter().any(|(m, _)| *m == r.model) {
+            out.push((r.model.clone(), r.version));
+        }
+    }
+    out
 }

@@ -500,6 +500,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 name,
                 source,
                 version: 1,
+                input_shape: None,
                 scaler: scaler.clone(),
             })
         })

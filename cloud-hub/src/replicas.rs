@@ -41,6 +41,8 @@ pub struct ModelSpec {
     pub source: ModelSource,
     /// Version the replicas report.
     pub version: u32,
+    /// Input shape, where the model leaves dimensions open.
+    pub input_shape: Option<Vec<usize>>,
     /// Scaling bounds and timings.
     pub scaler: ScalerSettings,
 }
@@ -129,6 +131,10 @@ impl Backend for ProcessBackend {
             ModelSource::Zoo(name) => cmd.arg("--zoo").arg(name),
             ModelSource::Path(path) => cmd.arg("--model").arg(path),
         };
+        if let Some(shape) = &model.input_shape {
+            let dims: Vec<String> = shape.iter().map(ToString::to_string).collect();
+            cmd.arg("--input-shape").arg(dims.join(","));
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -207,6 +213,8 @@ pub struct ReplicaView {
     pub id: String,
     /// Model served.
     pub model: String,
+    /// Version served.
+    pub version: u32,
     /// `host:port`, once known.
     pub endpoint: Option<String>,
     /// Its process, for the process backend.
@@ -345,6 +353,8 @@ pub struct ManagerCounters {
 
 struct Running {
     instance: Box<dyn Instance>,
+    /// The model version it serves.
+    version: u32,
     started: Instant,
     ready_at: Option<Instant>,
     endpoint: Option<String>,
@@ -357,15 +367,32 @@ struct Running {
 
 struct Pool {
     spec: ModelSpec,
+    /// The spec from the hub's settings, served when no rollout says otherwise.
+    base: ModelSpec,
     scaler: Scaler,
     running: Vec<Running>,
     desired: usize,
     restarts: u64,
-    published: Option<Vec<String>>,
+    published: Option<(Vec<String>, u32)>,
 }
 
 /// Where the manager reads the agents' forecast demand of a model.
 pub type DemandFn = dyn Fn(&str) -> f64 + Send + Sync;
+
+/// The version each model's replicas should serve (from rollouts); a model not listed serves
+/// the version it was configured with.
+pub type Versions = std::collections::HashMap<String, ServedVersion>;
+
+/// A published version for replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedVersion {
+    /// Version.
+    pub version: u32,
+    /// Where its bytes are.
+    pub source: ModelSource,
+    /// Its input shape.
+    pub input_shape: Vec<usize>,
+}
 
 /// What the manager publishes for the rest of the hub.
 #[derive(Debug, Clone)]
@@ -384,6 +411,7 @@ pub async fn run(
     models: Vec<ModelSpec>,
     settings: ManagerSettings,
     demand: Arc<DemandFn>,
+    versions: tokio::sync::watch::Receiver<Versions>,
     published: Published,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -394,6 +422,7 @@ pub async fn run(
         .into_iter()
         .map(|spec| Pool {
             scaler: Scaler::new(spec.scaler.clone()),
+            base: spec.clone(),
             spec,
             running: Vec::new(),
             desired: 0,
@@ -408,7 +437,20 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
+        let wanted = versions.borrow().clone();
         for pool in &mut pools {
+            let next = match wanted.get(&pool.spec.name) {
+                Some(v) => (v.version, v.source.clone(), Some(v.input_shape.clone())),
+                None => (
+                    pool.base.version,
+                    pool.base.source.clone(),
+                    pool.base.input_shape.clone(),
+                ),
+            };
+            if next.0 != pool.spec.version {
+                tracing::info!(model = %pool.spec.name, from = pool.spec.version, to = next.0, "replicas move to another version");
+                (pool.spec.version, pool.spec.source, pool.spec.input_shape) = next;
+            }
             tick(
                 pool,
                 backend.as_ref(),
@@ -422,9 +464,13 @@ pub async fn run(
         }
         let sets_now: Vec<ReplicaSet> = pools
             .iter()
-            .map(|p| ReplicaSet {
-                model: p.spec.name.clone(),
-                endpoints: ready_endpoints(p),
+            .map(|p| {
+                let (endpoints, version) = ready_endpoints(p);
+                ReplicaSet {
+                    model: p.spec.name.clone(),
+                    endpoints,
+                    version,
+                }
             })
             .collect();
         let changed = pools.iter_mut().fold(false, |changed, p| {
@@ -452,15 +498,24 @@ pub async fn run(
     Ok(())
 }
 
-fn ready_endpoints(pool: &Pool) -> Vec<String> {
-    let mut v: Vec<String> = pool
-        .running
-        .iter()
-        .filter(|r| r.conn.is_some())
+/// The endpoints agents may use: ready replicas of the current version (of any version
+/// while none of the current one is ready, so a version change never leaves a gap).
+fn ready_endpoints(pool: &Pool) -> (Vec<String>, u32) {
+    let ready = || pool.running.iter().filter(|r| r.conn.is_some());
+    let version = if ready().any(|r| r.version == pool.spec.version) {
+        pool.spec.version
+    } else {
+        ready()
+            .map(|r| r.version)
+            .max()
+            .unwrap_or(pool.spec.version)
+    };
+    let mut v: Vec<String> = ready()
+        .filter(|r| r.version == version)
         .filter_map(|r| r.endpoint.clone())
         .collect();
     v.sort();
-    v
+    (v, version)
 }
 
 async fn tick(
@@ -563,8 +618,15 @@ async fn tick(
             }
         }
     }
-    // Decide.
-    let ready = pool.running.iter().filter(|r| r.conn.is_some()).count();
+    // Decide, on the replicas of the current version; older ones serve until enough of
+    // those are ready, then stop.
+    let version = pool.spec.version;
+    let ready = pool
+        .running
+        .iter()
+        .filter(|r| r.conn.is_some() && r.version == version)
+        .count();
+    let fresh = pool.running.iter().filter(|r| r.version == version).count();
     let capacities: Vec<f64> = pool
         .running
         .iter()
@@ -582,12 +644,12 @@ async fn tick(
             .sum(),
         forecast_demand: demand(&model),
         ready,
-        replicas: pool.running.len(),
+        replicas: fresh,
         capacity: (!capacities.is_empty())
             .then(|| capacities.iter().sum::<f64>() / capacities.len() as f64),
     };
     let decision = pool.scaler.decide(origin.elapsed().as_secs_f64(), input);
-    let from = pool.running.len();
+    let from = fresh;
     let to = decision.desired;
     pool.desired = to;
     if to != from {
@@ -611,6 +673,7 @@ async fn tick(
                 counters.started.fetch_add(1, Ordering::Relaxed);
                 pool.running.push(Running {
                     instance,
+                    version,
                     started: Instant::now(),
                     ready_at: None,
                     endpoint: None,
@@ -629,10 +692,23 @@ async fn tick(
     }
     if to < from {
         // Stop the youngest first: those still starting serve nobody yet.
-        pool.running.sort_by_key(|r| std::cmp::Reverse(r.started));
+        pool.running
+            .sort_by_key(|r| (r.version != version, std::cmp::Reverse(r.started)));
         for r in pool.running.drain(..from - to) {
             counters.stopped.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%model, replica = r.instance.id(), "stopping replica");
+            tokio::spawn(r.instance.stop(settings.drain));
+        }
+    }
+    let stale = pool.running.iter().filter(|r| r.version != version).count();
+    if stale > 0 && (to == 0 || ready >= stale.min(to)) {
+        let (old, keep): (Vec<Running>, Vec<Running>) = std::mem::take(&mut pool.running)
+            .into_iter()
+            .partition(|r| r.version != version);
+        pool.running = keep;
+        for r in old {
+            counters.stopped.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%model, replica = r.instance.id(), version = r.version, "stopping a replica of the previous version");
             tokio::spawn(r.instance.stop(settings.drain));
         }
     }
@@ -681,6 +757,7 @@ fn publish_views(pools: &[Pool], snapshot: &Mutex<Snapshot>) {
             replicas.push(ReplicaView {
                 id: r.instance.id().to_owned(),
                 model: p.spec.name.clone(),
+                version: r.version,
                 endpoint: r.endpoint.clone(),
                 pid: r.instance.pid(),
                 state: if r.conn.is_some() {

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use protocol::frame::{
-    self, Decoded, Decoder, Enroll, Heartbeat, Hello, Message, PROTOCOL_VERSION,
+    self, Decoded, Decoder, Enroll, Heartbeat, Hello, Message, PROTOCOL_VERSION, ReplicaSet,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -229,7 +229,7 @@ async fn session(
     tracing::info!(hub = %endpoint, version = %welcome.hub_version, replica_sets = welcome.replicas.len(), "connected to the hub");
     pin_hub_key(&ctx.config.hub_key_path(), &welcome.hub_public_key);
     for set in &welcome.replicas {
-        apply(ctx, &set.model, &set.endpoints);
+        apply(ctx, set);
     }
     let period = Duration::from_millis(u64::from(welcome.heartbeat_ms.max(100)));
     let mut ticker = tokio::time::interval(period);
@@ -247,7 +247,7 @@ async fn session(
                 send.write_all(&frame::encode(&Message::Heartbeat(beat))).await?;
             }
             message = reader.next() => match message? {
-                Some(Message::Replicas(set)) => apply(ctx, &set.model, &set.endpoints),
+                Some(Message::Replicas(set)) => apply(ctx, &set),
                 Some(Message::ModelUpdate(signed)) => match &ctx.updater {
                     Some(updater) => {
                         let (updater, conn) = (Arc::clone(updater), conn.clone());
@@ -276,12 +276,13 @@ async fn session(
     }
 }
 
-fn apply(ctx: &HubContext, model: &str, endpoints: &[String]) {
+fn apply(ctx: &HubContext, set: &ReplicaSet) {
+    let (model, version, endpoints) = (set.model.as_str(), set.version, set.endpoints.as_slice());
     if ctx.models.index(model).is_none() {
         return;
     }
     if let Some(offload) = &ctx.offload {
-        offload.set_replicas(model, endpoints);
+        offload.set_replicas(model, version, endpoints);
     }
 }
 

@@ -101,6 +101,8 @@ struct Slot {
     endpoint: String,
     /// The model it serves; `None` for replicas from the config, which serve every model.
     model: Option<String>,
+    /// The model version it serves; 0 when not known (replicas from the config).
+    version: u32,
     /// Ends this slot's connection keeper when the replica leaves the set.
     stop: CancellationToken,
     conn: Mutex<Option<quinn::Connection>>,
@@ -113,10 +115,16 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(endpoint: String, model: Option<String>, parent: &CancellationToken) -> Slot {
+    fn new(
+        endpoint: String,
+        model: Option<String>,
+        version: u32,
+        parent: &CancellationToken,
+    ) -> Slot {
         Slot {
             endpoint,
             model,
+            version,
             stop: parent.child_token(),
             conn: Mutex::new(None),
             ewma_us: AtomicU64::new(0),
@@ -201,13 +209,16 @@ impl Inner {
         self.slots.read().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Replicas that can serve `model` now.
-    fn available(&self, model: &str, now: Instant) -> Vec<Arc<Slot>> {
+    /// Replicas that can serve model `index` now: the version the agent runs, so offloaded
+    /// windows are answered by the same model as local ones.
+    fn available(&self, index: usize, now: Instant) -> Vec<Arc<Slot>> {
+        let active = self.models.get(index);
         let slots = self.slots.read();
         let Ok(slots) = slots else { return Vec::new() };
         slots
             .iter()
-            .filter(|s| s.model.as_deref().is_none_or(|m| m == model))
+            .filter(|s| s.model.as_deref().is_none_or(|m| m == &*active.name))
+            .filter(|s| s.version == 0 || s.version == active.version)
             .filter(|s| s.available(now))
             .cloned()
             .collect()
@@ -239,14 +250,15 @@ impl OffloadHandle {
         Ok(())
     }
 
-    /// Makes `endpoints` the replicas of `model`: new ones are connected, gone ones are let
-    /// go (requests already sent to them finish or fall back as usual).
-    pub fn set_replicas(&self, model: &str, endpoints: &[String]) {
+    /// Makes `endpoints` the replicas of `model`, serving `version`: new ones are connected,
+    /// gone ones are let go (requests already sent to them finish or fall back as usual).
+    pub fn set_replicas(&self, model: &str, version: u32, endpoints: &[String]) {
         let Ok(mut slots) = self.inner.slots.write() else {
             return;
         };
         slots.retain(|slot| {
-            let keep = slot.model.as_deref() != Some(model) || endpoints.contains(&slot.endpoint);
+            let keep = slot.model.as_deref() != Some(model)
+                || (slot.version == version && endpoints.contains(&slot.endpoint));
             if !keep {
                 tracing::info!(replica = %slot.endpoint, model, "replica left the set");
                 slot.stop.cancel();
@@ -258,10 +270,11 @@ impl OffloadHandle {
                 .iter()
                 .any(|s| s.model.as_deref() == Some(model) && &s.endpoint == endpoint);
             if !known {
-                tracing::info!(replica = %endpoint, model, "replica joined the set");
+                tracing::info!(replica = %endpoint, model, version, "replica joined the set");
                 let slot = Arc::new(Slot::new(
                     endpoint.clone(),
                     Some(model.to_owned()),
+                    version,
                     &self.stop,
                 ));
                 self.tasks
@@ -309,7 +322,7 @@ impl Offload {
         let slots = config
             .replicas
             .iter()
-            .map(|r| Arc::new(Slot::new(r.clone(), None, &stop)))
+            .map(|r| Arc::new(Slot::new(r.clone(), None, 0, &stop)))
             .collect::<Vec<_>>();
         let inner = Arc::new(Inner {
             endpoint,
@@ -343,11 +356,6 @@ impl Offload {
         Ok(offload)
     }
 
-    /// The name of model `index`.
-    pub fn model_name(&self, index: usize) -> Arc<str> {
-        Arc::clone(&self.inner.models.get(index).name)
-    }
-
     /// A handle for the hub session.
     pub fn handle(&self) -> OffloadHandle {
         OffloadHandle {
@@ -357,10 +365,11 @@ impl Offload {
         }
     }
 
-    /// The expected latency of the best replica available for `model`, `None` when none is.
-    pub fn estimate(&self, model: &str, now: Instant) -> Option<Duration> {
+    /// The expected latency of the best replica available for model `index`, `None` when
+    /// none is.
+    pub fn estimate(&self, index: usize, now: Instant) -> Option<Duration> {
         self.inner
-            .available(model, now)
+            .available(index, now)
             .iter()
             .map(|s| s.latency())
             .min()
@@ -375,7 +384,7 @@ impl Offload {
         if inner.in_flight.load(Ordering::Relaxed) >= inner.max_in_flight {
             return Err(job);
         }
-        let Some(slot) = self.pick(&inner.models.get(job.model).name, now) else {
+        let Some(slot) = self.pick(job.model, now) else {
             return Err(job);
         };
         inner.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -390,8 +399,8 @@ impl Offload {
     }
 
     /// Power of two choices: two random available replicas, the one expected sooner wins.
-    fn pick(&self, model: &str, now: Instant) -> Option<Arc<Slot>> {
-        let available = self.inner.available(model, now);
+    fn pick(&self, index: usize, now: Instant) -> Option<Arc<Slot>> {
+        let available = self.inner.available(index, now);
         match available.len() {
             0 => None,
             1 => available.into_iter().next(),

@@ -76,7 +76,7 @@ impl Router {
         };
         let deadline = job.created + self.slo;
         let slack = deadline.saturating_duration_since(now);
-        let estimate = offload.estimate(&offload.model_name(job.model), now);
+        let estimate = offload.estimate(job.model, now);
         let queued = pool.queue_len();
         // Keep back enough time to run the window locally should the cloud fail: the wait
         // behind today's queue plus its own service, twice over for safety.

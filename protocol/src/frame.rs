@@ -123,6 +123,9 @@ pub struct ReplicaSet {
     pub model: String,
     /// Replica endpoints (`host:port`) ready to serve it; empty when none runs.
     pub endpoints: Vec<String>,
+    /// The model version those replicas serve (0: not said).
+    #[serde(default)]
+    pub version: u32,
 }
 
 /// The hub's answer to [`Hello`].
@@ -492,7 +495,11 @@ mod tests {
                 prop::collection::vec("[a-z0-9.:]{1,21}", 0..4)
             )
                 .prop_map(|(model, endpoints)| {
-                    Message::Replicas(ReplicaSet { model, endpoints })
+                    Message::Replicas(ReplicaSet {
+                        model,
+                        endpoints,
+                        version: 2,
+                    })
                 }),
             (".{0,40}", prop::collection::vec(any::<u8>(), 0..64))
                 .prop_map(|(token, csr_der)| { Message::Enroll(Enroll { token, csr_der }) }),
@@ -522,6 +529,7 @@ mod tests {
                         replicas: vec![ReplicaSet {
                             model: "bearing-cnn".into(),
                             endpoints,
+                            version: 1,
                         }],
                         hub_public_key,
                     })
@@ -641,6 +649,7 @@ mod tests {
         let b = Message::Replicas(ReplicaSet {
             model: "bearing-cnn".into(),
             endpoints: vec!["127.0.0.1:4433".into()],
+            version: 3,
         });
         let mut stream = encode(&a);
         stream.extend(encode(&b));

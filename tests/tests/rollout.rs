@@ -169,7 +169,10 @@ async fn canary_then_everyone_and_a_drifting_version_goes_back() -> anyhow::Resu
         return Ok(());
     };
     let broker = Broker::shared_or_start(&mosquitto)?;
-    let hub = HubProcess::start(FAST)?;
+    // One replica always runs, to show it moves to the new version with the agents.
+    let mut args = FAST.to_vec();
+    args.extend(["--min-replicas", "1"]);
+    let hub = HubProcess::start(&args)?;
     let members = start_members(&broker, &hub, &["ro-1", "ro-2", "ro-3"]).await?;
     let publisher = Arc::new(Publisher::connect(broker.port()).await?);
     let stop = Arc::new(AtomicBool::new(false));
@@ -205,6 +208,21 @@ async fn canary_then_everyone_and_a_drifting_version_goes_back() -> anyhow::Resu
     let canary_v2 = done["canary"][0].as_str().unwrap_or_default().to_owned();
     hub.wait(Duration::from_secs(10), |h| on_v2(h) == 3);
     assert_eq!(on_v2(&hub), 3, "every agent ends on v2");
+    let replicas_on = |h: &HubProcess, version: u64| {
+        h.get("/api/v1/replicas").ok().is_some_and(|r| {
+            r.as_array().is_some_and(|a| {
+                !a.is_empty()
+                    && a.iter()
+                        .all(|x| x["version"] == version && x["state"] == "ready")
+            })
+        })
+    };
+    assert!(
+        hub.wait(Duration::from_secs(30), |h| replicas_on(h, 2))
+            .is_some(),
+        "the replicas moved to v2: {:?}",
+        hub.get("/api/v1/replicas")
+    );
 
     // v3 drifts: stopped at the canary and rolled back there.
     publish(&hub, &fixture("bearing-cnn-drift.onnx"), 3)?;
@@ -218,6 +236,7 @@ async fn canary_then_everyone_and_a_drifting_version_goes_back() -> anyhow::Resu
     let canary_v3 = stopped["canary"][0].as_str().unwrap_or_default().to_owned();
     hub.wait(Duration::from_secs(15), |h| on_v2(h) == 3);
     assert_eq!(on_v2(&hub), 3, "the canary went back to v2");
+    assert!(replicas_on(&hub, 2), "replicas never saw v3");
 
     // Windows kept flowing through every swap: each one answered exactly once, none failed.
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -237,6 +237,7 @@ async fn start_hub(
             name: "bearing-cnn".into(),
             source: ModelSource::Zoo("bearing-cnn".into()),
             version: 1,
+            input_shape: None,
             scaler: ScalerSettings {
                 min: 0,
                 max: 3,
