@@ -56,6 +56,8 @@ pub struct HubSettings {
     pub exe: PathBuf,
     /// Model download rate per agent, bytes per second (0: as fast as QUIC goes).
     pub download_rate: u64,
+    /// Model downloads served at once; more wait their turn.
+    pub max_downloads: usize,
 }
 
 /// Event counts, for metrics.
@@ -120,6 +122,11 @@ pub struct Hub {
     pub rollouts: Mutex<Rollouts>,
     /// The version each model's replicas serve, as the rollouts decide.
     pub versions: tokio::sync::watch::Sender<Versions>,
+    /// Model downloads running or waiting, per agent: an agent that is downloading is not sent
+    /// the update again.
+    pub downloading: Mutex<HashMap<String, usize>>,
+    /// Turns for model downloads.
+    pub download_slots: Arc<tokio::sync::Semaphore>,
     /// Each connected agent's session id and the queue of messages to push to it.
     mailboxes: Mutex<HashMap<String, (u64, tokio::sync::mpsc::Sender<Message>)>>,
     next_session: AtomicU64,
@@ -269,6 +276,13 @@ impl Hub {
             m.dedup();
             m
         };
+        let downloading: std::collections::HashSet<String> = self
+            .downloading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         let mut due = Vec::new();
         for model in models {
             let reports = reports(&agents, &model);
@@ -295,6 +309,9 @@ impl Hub {
                 let agent = match &order {
                     Order::Update { agent } | Order::Rollback { agent, .. } => agent.clone(),
                 };
+                if matches!(order, Order::Update { .. }) && downloading.contains(&agent) {
+                    continue;
+                }
                 let key = (agent, model.clone());
                 if rollouts
                     .sent
@@ -454,6 +471,8 @@ pub async fn run(
             sent: HashMap::new(),
         }),
         mailboxes: Mutex::default(),
+        downloading: Mutex::default(),
+        download_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_downloads.max(1))),
         versions: tokio::sync::watch::Sender::new(Versions::default()),
         next_session: AtomicU64::new(0),
         open: AtomicUsize::new(0),

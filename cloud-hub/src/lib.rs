@@ -12,6 +12,12 @@
 //! (one QUIC stream per request, bounded queue, deadlines), [`cli`] its command line, and
 //! [`simulate`] compares the scaling policies and forecasters of `models` in the deterministic
 //! simulator before they are trusted with real replicas. State on disk lives in [`state`].
+//!
+//! Model updates: [`store`] checks a model with tract, keeps it by digest and signs its
+//! manifest; [`rollout`] is the pure canary → bake → all state machine with its health gates
+//! and rollback, stepped by the hub every second on the agents' heartbeats; sessions push its
+//! orders and serve the downloads, and the replica manager moves replicas to a version once
+//! it reaches every agent.
 
 pub mod api;
 pub mod autoscale;

@@ -287,6 +287,9 @@ struct ServeArgs {
     /// Model download rate per agent, bytes per second (0: unlimited).
     #[arg(long, default_value_t = 0)]
     download_rate: u64,
+    /// Model downloads served at once; more wait their turn.
+    #[arg(long, default_value_t = 64)]
+    max_downloads: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -517,6 +520,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tick: Duration::from_millis(args.tick_ms),
         exe: std::env::current_exe()?,
         download_rate: args.download_rate,
+        max_downloads: args.max_downloads,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {

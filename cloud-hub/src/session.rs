@@ -306,7 +306,7 @@ async fn session(
                     fetches.fetch_add(1, Ordering::Relaxed);
                     let (hub, fetches, name) = (Arc::clone(hub), Arc::clone(&fetches), name.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = serve_fetch(&hub, send, recv).await {
+                        if let Err(e) = serve_fetch(&hub, &name, send, recv).await {
                             Hub::bump(&hub.counters.downloads_refused);
                             if sampled(&hub.counters.session_errors) {
                                 tracing::warn!(agent = %name, "model download: {e:#}");
@@ -360,6 +360,7 @@ const MAX_FETCHES: usize = 2;
 /// hub's download rate.
 async fn serve_fetch(
     hub: &Hub,
+    agent: &str,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
@@ -407,6 +408,9 @@ async fn serve_fetch(
         let _ = send.finish();
         anyhow::bail!("offset {} beyond {size} bytes", ask.offset);
     }
+    // While this runs or waits for its turn, the agent is not sent the update again.
+    let _downloading = Downloading::new(hub, agent);
+    let _turn = hub.download_slots.acquire().await?;
     Hub::bump(&hub.counters.downloads);
     send.write_all(&frame::encode(&Message::ModelData(ModelData {
         offset: ask.offset,
@@ -435,4 +439,40 @@ async fn serve_fetch(
     }
     send.finish()?;
     Ok(())
+}
+
+/// Marks an agent as downloading for as long as it lives.
+struct Downloading<'a> {
+    hub: &'a Hub,
+    agent: String,
+}
+
+impl<'a> Downloading<'a> {
+    fn new(hub: &'a Hub, agent: &str) -> Self {
+        *hub.downloading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(agent.to_owned())
+            .or_default() += 1;
+        Downloading {
+            hub,
+            agent: agent.to_owned(),
+        }
+    }
+}
+
+impl Drop for Downloading<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .hub
+            .downloading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.agent) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.agent);
+            }
+        }
+    }
 }

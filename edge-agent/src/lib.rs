@@ -12,6 +12,12 @@
 //! publisher task (MQTT QoS 1). Every bound is explicit, so overload turns into counted
 //! shedding ([`telemetry::Counters`]) instead of memory growth, and bad input is refused with
 //! a counter and a rate-limited log line while every other sensor keeps flowing.
+//!
+//! Models live in [`serving::ModelSlots`]: one atomically swappable version per configured
+//! model, taken by a worker for the whole window, so [`update::Updater`] can install a version
+//! the hub sends ([`hub`] session: verify the signed manifest against the pinned key, resume
+//! the download, check the digest, load and probe, swap) without a window waiting or failing,
+//! compare it with the version it replaced on a share of windows, and switch back at once.
 
 pub mod agent;
 pub mod config;

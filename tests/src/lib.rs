@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 pub mod fleet;
 pub mod hub;
+pub mod load;
 
 use anyhow::{Context, bail};
 use protocol::edge::{InferenceResult, Status};

@@ -251,6 +251,7 @@ async fn start_hub(
         tick: Duration::from_millis(500),
         exe: std::env::current_exe()?,
         download_rate: 0,
+        max_downloads: 16,
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(cloud_hub::hub::run(settings, ready_tx, shutdown));

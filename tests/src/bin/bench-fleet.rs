@@ -21,15 +21,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cloud_hub::ca::{Role, Signer};
+use cloud_hub::ca::Signer;
 use protocol::frame::{self, Decoded, Decoder, Heartbeat, Hello, Message, PROTOCOL_VERSION};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use spillway_tests::fleet::CpuLimit;
 use spillway_tests::hub::{HubProcess, burst};
+use spillway_tests::load::{agent_client, client_endpoint, cpu_secs, rss_bytes};
 use spillway_tests::{Broker, mosquitto_path};
 
 const SLO: Duration = Duration::from_millis(500);
@@ -96,7 +95,7 @@ async fn scale(sizes: &[usize]) -> anyhow::Result<()> {
             (open..n)
                 .map(|i| {
                     let name = format!("load-{i:05}");
-                    client(&signer, &ca, &name).map(|c| (name, c))
+                    agent_client(&signer, &ca, &name).map(|c| (name, c))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()
         })?;
@@ -104,13 +103,7 @@ async fn scale(sizes: &[usize]) -> anyhow::Result<()> {
         let mut batch = tokio::task::JoinSet::new();
         for (i, (name, config)) in (open..n).zip(configs) {
             if i % SESSIONS_PER_SOCKET == 0 {
-                let socket = cloud_hub::tls::udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-                endpoints.push(quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
-                    None,
-                    socket,
-                    Arc::new(quinn::TokioRuntime),
-                )?);
+                endpoints.push(client_endpoint()?);
             }
             let endpoint = endpoints[i / SESSIONS_PER_SOCKET].clone();
             let tally = Arc::clone(&tally);
@@ -160,28 +153,6 @@ async fn scale(sizes: &[usize]) -> anyhow::Result<()> {
         e.close(0u32.into(), b"done");
     }
     Ok(())
-}
-
-fn client(signer: &Signer, ca: &[u8], name: &str) -> anyhow::Result<quinn::ClientConfig> {
-    let (cert, key) = signer.issue(name, Role::Agent, &[], SystemTime::now())?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca) {
-        roots.add(c?)?;
-    }
-    let chain = CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(key.as_bytes())?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)?;
-    tls.alpn_protocols = vec![frame::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(2)));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
 }
 
 /// One agent: a session, and after it fails a new one, with backoff as the agent does
@@ -287,27 +258,6 @@ async fn wait_online(hub: &HubProcess, n: usize, limit: Duration) -> usize {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     online
-}
-
-/// CPU seconds the process has used (user + system).
-fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').context("bad stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
-}
-
-fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")?;
-    Ok(kb * 1024)
 }
 
 async fn cold_start() -> anyhow::Result<()> {
