@@ -427,8 +427,8 @@ async fn a_download_cut_by_a_hub_restart_resumes_where_it_stopped() -> anyhow::R
     let mut args = FAST.to_vec();
     args.extend(["--download-rate", "1000000"]);
     let mut hub = HubProcess::start(&args)?;
-    let members = start_members(&broker, &hub, &["dl-1"]).await?;
-    let member = &members[0];
+    let mut members = start_members(&broker, &hub, &["dl-1"]).await?;
+    let member = &mut members[0];
 
     // v2 padded to 3 MB with a long doc_string (protobuf field 6 of ModelProto, appended:
     // the last occurrence wins, tract ignores it).
@@ -501,5 +501,36 @@ async fn a_download_cut_by_a_hub_restart_resumes_where_it_stopped() -> anyhow::R
         })
         .await;
     assert!(status.is_some(), "one resumed download, one update");
+
+    // A restarted agent comes back on v2 from its own disk: nothing is fetched again.
+    member.agent.terminate(Duration::from_secs(20))?;
+    let config = hub_agent_config(
+        broker.port(),
+        &member.name,
+        hub.control,
+        member.state.path(),
+        "shadow_every = 5",
+    );
+    member.agent = Agent::start(&config, &[])?;
+    let restarted = member
+        .listener
+        .wait_for_counters(Duration::from_secs(20), |c| {
+            c.get("hub_connects") == Some(&1) && c.get("hub_enrolments") == Some(&0)
+        })
+        .await
+        .map(|s| s.counters)
+        .unwrap_or_default();
+    assert_eq!(restarted.get("model_updates"), Some(&0), "{restarted:?}");
+    assert_eq!(hub.model_version(&member.name, MODEL), Some(2));
+    let downloads = hub
+        .get_text("/metrics")?
+        .lines()
+        .find_map(|l| l.strip_prefix("spillway_hub_model_downloads_total "))
+        .map(|v| v.trim().to_owned());
+    assert_eq!(
+        downloads.as_deref(),
+        Some("1"),
+        "no download after the agent's restart"
+    );
     Ok(())
 }
