@@ -117,6 +117,7 @@ async fn start_rollout(
         bake_ms: ask.bake_secs.map_or(d.bake_ms, |s| (s * 1000.0) as i64),
         max_error_rate: ask.max_error_rate.unwrap_or(d.max_error_rate),
         max_p99_ratio: ask.max_p99_ratio.unwrap_or(d.max_p99_ratio),
+        p99_slack_us: d.p99_slack_us,
         max_drift: ask.max_drift.unwrap_or(d.max_drift),
         max_flip_share: ask.max_flip_share.unwrap_or(d.max_flip_share),
         min_shadow_runs: ask.min_shadow_runs.unwrap_or(d.min_shadow_runs),

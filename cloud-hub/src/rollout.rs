@@ -33,8 +33,12 @@ pub struct Settings {
     pub bake_ms: i64,
     /// Highest share of windows failing on the new version.
     pub max_error_rate: f64,
-    /// Highest p99 inference time of the new version, as a multiple of the old one's.
+    /// Highest p99 inference time of the new version, as a multiple of the old one's…
     pub max_p99_ratio: f64,
+    /// …and at least this much above it, µs: a millisecond of scheduling noise on a busy
+    /// gateway is not a slower model.
+    #[serde(default = "default_p99_slack_us")]
+    pub p99_slack_us: u64,
     /// Highest mean absolute difference of the two versions' scores.
     pub max_drift: f32,
     /// Highest share of compared windows where the versions disagree on "anomaly".
@@ -52,12 +56,17 @@ impl Default for Settings {
             bake_ms: 300_000,
             max_error_rate: 0.01,
             max_p99_ratio: 2.0,
+            p99_slack_us: default_p99_slack_us(),
             max_drift: 0.5,
             max_flip_share: 0.05,
             min_shadow_runs: 20,
             min_inferences: 50,
         }
     }
+}
+
+fn default_p99_slack_us() -> u64 {
+    5_000
 }
 
 /// Where a rollout is.
@@ -367,7 +376,9 @@ impl Rollout {
                         s.max_error_rate * 100.0
                     ));
                 }
-                if before.p99_us > 0 && h.p99_us as f64 > before.p99_us as f64 * s.max_p99_ratio {
+                let limit = (before.p99_us as f64 * s.max_p99_ratio)
+                    .max((before.p99_us + s.p99_slack_us) as f64);
+                if before.p99_us > 0 && h.p99_us as f64 > limit {
                     return Some(format!(
                         "{}: p99 {} µs on v{}, was {} µs (limit ×{})",
                         a.name, h.p99_us, self.version, before.p99_us, s.max_p99_ratio
@@ -589,7 +600,7 @@ mod tests {
             .expect("one")
             .2;
         h.inferences = 10;
-        h.p99_us = 9_000;
+        h.p99_us = 5_500;
         r.step(&fleet.reports(), 2_000);
         assert_eq!(r.stage, Stage::Canary, "10 windows judge nothing");
         let h = &mut fleet
@@ -600,6 +611,19 @@ mod tests {
             .2;
         h.inferences = 100;
         r.step(&fleet.reports(), 3_000);
+        assert_eq!(
+            r.stage,
+            Stage::Canary,
+            "5.5 ms against 1 ms is within the 5 ms slack"
+        );
+        let h = &mut fleet
+            .agents
+            .iter_mut()
+            .find(|a| a.2.version == 2)
+            .expect("one")
+            .2;
+        h.p99_us = 9_000;
+        r.step(&fleet.reports(), 4_000);
         assert_eq!(r.stage, Stage::RolledBack);
         assert!(r.reason.as_deref().unwrap_or("").contains("p99"));
     }

@@ -54,11 +54,13 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 }
 
 /// What is installed for one model.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Entry {
-    /// The version serving now.
-    active: SignedManifest,
+    /// The version serving now; `None` when that is the one from config.
+    #[serde(default)]
+    active: Option<SignedManifest>,
     /// The version before it; `None` when that is the one from config.
+    #[serde(default)]
     previous: Option<SignedManifest>,
     /// Versions rolled back from: never installed again.
     #[serde(default)]
@@ -104,16 +106,19 @@ impl Updater {
     /// Puts back the versions installed before a restart (checked again: digest and
     /// signature). A version that no longer loads is reported and the config's one serves.
     pub fn restore(&self) {
-        let entries: Vec<Entry> = lock(&self.installed).values().cloned().collect();
-        for entry in entries {
-            let m = &entry.active.manifest;
+        let entries: Vec<SignedManifest> = lock(&self.installed)
+            .values()
+            .filter_map(|e| e.active.clone())
+            .collect();
+        for active in entries {
+            let m = &active.manifest;
             let Some(index) = self.slots.index(&m.name) else {
                 continue;
             };
             if self.slots.get(index).version >= m.version {
                 continue;
             }
-            match self.load_installed(index, &entry.active) {
+            match self.load_installed(index, &active) {
                 Ok(model) => {
                     self.slots.swap(index, model, false);
                     tracing::info!(model = %m.name, version = m.version, "installed version restored");
@@ -210,19 +215,8 @@ impl Updater {
         .context("keeping the model file")?;
         {
             let mut installed = lock(&self.installed);
-            let entry = installed.remove(&signed.manifest.name);
-            let refused = entry
-                .as_ref()
-                .map(|e| e.refused.clone())
-                .unwrap_or_default();
-            installed.insert(
-                signed.manifest.name.clone(),
-                Entry {
-                    previous: entry.map(|e| e.active),
-                    active: signed.clone(),
-                    refused,
-                },
-            );
+            let entry = installed.entry(signed.manifest.name.clone()).or_default();
+            entry.previous = entry.active.replace(signed.clone());
             self.save(&installed)?;
         }
         let old = self
@@ -353,30 +347,13 @@ impl Updater {
             },
         };
         let mut installed = lock(&self.installed);
-        let mut refused = entry.map(|e| e.refused).unwrap_or_default();
-        refused.push(current.version);
-        match installed.get(name).and_then(|e| e.previous.clone()) {
-            Some(prev) if prev.manifest.version == version => {
-                installed.insert(
-                    name.to_owned(),
-                    Entry {
-                        active: prev,
-                        previous: None,
-                        refused,
-                    },
-                );
-            }
-            _ => {
-                // Back on the config's version: keep only what must not come back.
-                if let Some(e) = installed.get_mut(name) {
-                    e.refused = refused;
-                    e.previous = None;
-                }
-                installed.retain(|_, e| {
-                    e.active.manifest.version > version || e.active.manifest.name != name
-                });
-            }
-        }
+        let entry = installed.entry(name.to_owned()).or_default();
+        entry.refused.push(current.version);
+        // Back on the previous manifest, or (when that is not the version) on the config's.
+        entry.active = entry
+            .previous
+            .take()
+            .filter(|p| p.manifest.version == version);
         self.save(&installed)?;
         drop(installed);
         self.slots.swap(index, model, false);

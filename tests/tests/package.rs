@@ -148,7 +148,10 @@ fn the_package_installs_where_the_unit_expects_and_the_agent_checks_its_config()
     ]))?;
     let said = String::from_utf8_lossy(&checked.stdout).to_string()
         + &String::from_utf8_lossy(&checked.stderr);
-    assert!(said.contains("configuration and models are valid"), "{said}");
+    assert!(
+        said.contains("configuration and models are valid"),
+        "{said}"
+    );
     let version = run(Command::new("/usr/bin/edge-agent").arg("--version"))?;
     let version = String::from_utf8(version.stdout)?;
     assert!(

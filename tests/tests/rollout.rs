@@ -445,7 +445,7 @@ async fn a_download_cut_by_a_hub_restart_resumes_where_it_stopped() -> anyhow::R
     let big = hub.dir.path().join("big.onnx");
     std::fs::write(&big, &bytes)?;
     publish(&hub, &big, 2)?;
-    start_rollout(&hub, 2, "100%", "0s")?;
+    let id = start_rollout(&hub, 2, "100%", "0s")?;
 
     let models = member.state.path().join("models");
     let part_size = || {
@@ -532,5 +532,35 @@ async fn a_download_cut_by_a_hub_restart_resumes_where_it_stopped() -> anyhow::R
         Some("1"),
         "no download after the agent's restart"
     );
+
+    // Aborted: the agent goes back to the config's v1, and stays there across a restart.
+    hub.cli(&["rollout", "abort", &id.to_string()])?;
+    let back = hub.wait(Duration::from_secs(20), |h| {
+        h.model_version(&member.name, MODEL) == Some(1)
+    });
+    assert!(back.is_some(), "the abort sent the agent back to v1");
+    member.agent.terminate(Duration::from_secs(20))?;
+    member.agent = Agent::start(&config, &[])?;
+    // The new process, connected to the hub (it has rolled nothing back itself).
+    let connected = member
+        .listener
+        .wait_for_counters(Duration::from_secs(20), |c| {
+            c.get("hub_connects") == Some(&1) && c.get("model_rollbacks") == Some(&0)
+        })
+        .await;
+    assert!(connected.is_some(), "the agent came back");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        hub.model_version(&member.name, MODEL),
+        Some(1),
+        "a restart does not bring back the version rolled back from"
+    );
+    let counters = member
+        .listener
+        .wait_for_counters(Duration::from_secs(5), |_| true)
+        .await
+        .map(|s| s.counters)
+        .unwrap_or_default();
+    assert_eq!(counters.get("model_rollbacks"), Some(&0), "{counters:?}");
     Ok(())
 }
