@@ -17,7 +17,7 @@
 //! Every refusal is a counter, a failure in the model's health report (the hub's rollout
 //! gates read it), and a rate-limited log line; the old version keeps serving throughout.
 
-// Downloads are drivers: they read the wall clock for the install time only through tokio.
+// A driver: its rate-limited log lines read the clock.
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::{BTreeMap, HashSet};
