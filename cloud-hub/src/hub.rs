@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use protocol::frame::{Heartbeat, Hello, Message, ModelHealth, ModelVersion, ReplicaSet};
+use protocol::manifest::SignedManifest;
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Fleet;
@@ -351,16 +352,25 @@ impl Hub {
             *v = wanted;
             changed
         });
+        // One read of each manifest per step, however many agents get it.
+        let mut manifests: HashMap<(String, u32), Option<SignedManifest>> = HashMap::new();
         for (agent, model, version, order) in due {
             let message = match order {
-                Order::Update { .. } => match self.registry.model(&model, version) {
-                    Ok(Some(signed)) => Message::ModelUpdate(signed),
-                    Ok(None) => continue,
-                    Err(e) => {
-                        tracing::error!("reading {model} v{version}: {e:#}");
-                        continue;
+                Order::Update { .. } => {
+                    let signed = manifests
+                        .entry((model.clone(), version))
+                        .or_insert_with(|| {
+                            self.registry
+                                .model(&model, version)
+                                .map_err(|e| tracing::error!("reading {model} v{version}: {e:#}"))
+                                .ok()
+                                .flatten()
+                        });
+                    match signed {
+                        Some(signed) => Message::ModelUpdate(signed.clone()),
+                        None => continue,
                     }
-                },
+                }
                 Order::Rollback { to, .. } => Message::ModelRollback(ModelVersion {
                     name: model.clone(),
                     version: to,
