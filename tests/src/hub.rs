@@ -111,6 +111,33 @@ impl HubProcess {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// `cloud-hub rollout start MODEL --version V --canary C --bake B`; returns the id.
+    pub fn start_rollout(
+        &self,
+        model: &str,
+        version: u32,
+        canary: &str,
+        bake: &str,
+    ) -> anyhow::Result<u64> {
+        let version = version.to_string();
+        let out = self.cli(&[
+            "rollout",
+            "start",
+            model,
+            "--version",
+            &version,
+            "--canary",
+            canary,
+            "--bake",
+            bake,
+        ])?;
+        // "rollout N started: …"
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.trim_end_matches(':').parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("unexpected output {out:?}"))
+    }
+
     /// The version of `model` that `agent` reports running.
     pub fn model_version(&self, agent: &str, model: &str) -> Option<u32> {
         let view = self.agent(agent)?;
@@ -488,4 +515,19 @@ pub fn models(hub: &HubProcess) -> (u64, u64) {
             Some((m["ready"].as_u64()?, m["replicas"].as_u64()?))
         })
         .unwrap_or((0, 0))
+}
+
+/// `onnx` grown by `extra` bytes: a doc_string (field 6 of ModelProto) appended, which
+/// protobuf readers take as the last value of the field and tract ignores. Gives a model of
+/// any size with the same behaviour.
+pub fn pad_model(mut onnx: Vec<u8>, extra: usize) -> Vec<u8> {
+    onnx.push(0x32);
+    let mut len = extra;
+    while len >= 0x80 {
+        onnx.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    onnx.push(len as u8);
+    onnx.resize(onnx.len() + extra, b' ');
+    onnx
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use protocol::payload::encode_plain_json;
-use spillway_tests::hub::{HubProcess, hub_agent_config};
+use spillway_tests::hub::{HubProcess, hub_agent_config, pad_model};
 use spillway_tests::{Agent, Broker, Listener, Publisher, reference, require_mosquitto};
 
 const FAST: &[&str] = &[
@@ -131,24 +131,7 @@ fn wait_stage(hub: &HubProcess, id: u64, stage: &str, limit: Duration) -> serde_
 }
 
 fn start_rollout(hub: &HubProcess, version: u32, canary: &str, bake: &str) -> anyhow::Result<u64> {
-    let out = hub.cli(&[
-        "rollout",
-        "start",
-        MODEL,
-        "--version",
-        &version.to_string(),
-        "--canary",
-        canary,
-        "--bake",
-        bake,
-    ])?;
-    // "rollout N started: …"
-    let id = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.trim_end_matches(':').parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("unexpected output {out:?}"))?;
-    Ok(id)
+    hub.start_rollout(MODEL, version, canary, bake)
 }
 
 fn publish(hub: &HubProcess, file: &Path, version: u32) -> anyhow::Result<String> {
@@ -430,18 +413,8 @@ async fn a_download_cut_by_a_hub_restart_resumes_where_it_stopped() -> anyhow::R
     let mut members = start_members(&broker, &hub, &["dl-1"]).await?;
     let member = &mut members[0];
 
-    // v2 padded to 3 MB with a long doc_string (protobuf field 6 of ModelProto, appended:
-    // the last occurrence wins, tract ignores it).
-    let mut bytes = std::fs::read(fixture("bearing-cnn-v2.onnx"))?;
-    let padding = vec![b'x'; 3 << 20];
-    bytes.push(0x32);
-    let mut len = padding.len();
-    while len >= 0x80 {
-        bytes.push((len as u8 & 0x7f) | 0x80);
-        len >>= 7;
-    }
-    bytes.push(len as u8);
-    bytes.extend(&padding);
+    // v2 grown to 3 MB, so the download is still running when the hub goes down.
+    let bytes = pad_model(std::fs::read(fixture("bearing-cnn-v2.onnx"))?, 3 << 20);
     let big = hub.dir.path().join("big.onnx");
     std::fs::write(&big, &bytes)?;
     publish(&hub, &big, 2)?;

@@ -32,7 +32,7 @@ use protocol::frame::{
 };
 use protocol::manifest::{SignedManifest, hex};
 use protocol::payload::encode_plain_json;
-use spillway_tests::hub::{HubProcess, hub_agent_config};
+use spillway_tests::hub::{HubProcess, hub_agent_config, pad_model};
 use spillway_tests::load::{agent_client, client_endpoint, cpu_secs};
 use spillway_tests::{Agent, Broker, Listener, Publisher, mosquitto_path, reference};
 
@@ -196,18 +196,11 @@ async fn run(
 
     // The update: the v2 fixture padded to the asked size with a doc_string (field 6 of
     // ModelProto, appended; the last one wins and tract ignores it).
-    let mut bytes = std::fs::read(
+    let v2 = std::fs::read(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/bearing-cnn-v2.onnx"),
     )?;
-    let pad = ((size_mb * 1e6) as usize).saturating_sub(bytes.len() + 8);
-    bytes.push(0x32);
-    let mut len = pad;
-    while len >= 0x80 {
-        bytes.push((len as u8 & 0x7f) | 0x80);
-        len >>= 7;
-    }
-    bytes.push(len as u8);
-    bytes.resize(bytes.len() + pad, b' ');
+    let pad = ((size_mb * 1e6) as usize).saturating_sub(v2.len() + 8);
+    let bytes = pad_model(v2, pad);
     let file = hub.dir.path().join("update.onnx");
     std::fs::write(&file, &bytes)?;
     hub.cli(&[
@@ -223,22 +216,7 @@ async fn run(
     let cpu0 = cpu_secs(pid)?;
     let sent0 = metric(&hub, "spillway_hub_model_download_bytes_total");
     let started = Instant::now();
-    let out = hub.cli(&[
-        "rollout",
-        "start",
-        MODEL,
-        "--version",
-        "2",
-        "--canary",
-        "10%",
-        "--bake",
-        &format!("{bake}s"),
-    ])?;
-    let id: u64 = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.trim_end_matches(':').parse().ok())
-        .context("no rollout id")?;
+    let id = hub.start_rollout(MODEL, 2, "10%", &format!("{bake}s"))?;
     let done = wait_for(Duration::from_secs(600), || {
         hub.rollout(id).is_some_and(|r| r["stage"] == "done")
     })
