@@ -96,6 +96,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         options.set_credentials(user.clone(), pass.clone());
     }
     let (client, mut eventloop) = AsyncClient::new(options, config.mqtt.request_capacity);
+    // Results and acknowledgements are small packets: without TCP_NODELAY, Nagle's algorithm
+    // holds one back until the broker's delayed ACK (40 ms) after the previous one. The event
+    // loop already writes everything queued at once.
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
 
     let (results_tx, results_rx) = tokio::sync::mpsc::channel(config.agent.queue_capacity);
     let workers = config.worker_count();
@@ -212,6 +218,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         tokio::spawn(crate::hub::run(context, status_stop.clone()))
     });
 
+    let watchdog_stop = CancellationToken::new();
+    let watchdog = tokio::spawn(crate::systemd::watchdog(
+        pool.probe(),
+        Arc::clone(&shared.counters),
+        watchdog_stop.clone(),
+    ));
+    crate::systemd::ready();
+
     let mut ingest = Ingest::new(
         &config,
         Arc::clone(&models),
@@ -280,6 +294,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     // Phase 2: stop taking input. Windows that arrive before the broker confirms the
     // unsubscribe are still served.
     tracing::info!("shutting down: draining in-flight work");
+    crate::systemd::stopping();
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(config.agent.drain_timeout_ms);
     status_stop.cancel();
@@ -379,6 +394,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             break;
         }
     }
+    watchdog_stop.cancel();
+    let _ = watchdog.await;
     let counters = shared.counters.snapshot();
     tracing::info!(?counters, drained, "stopped");
     Ok(RunSummary { counters, drained })

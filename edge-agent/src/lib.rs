@@ -18,6 +18,8 @@
 //! the hub sends ([`hub`] session: verify the signed manifest against the pinned key, resume
 //! the download, check the digest, load and probe, swap) without a window waiting or failing,
 //! compare it with the version it replaced on a share of windows, and switch back at once.
+//! Under systemd the agent reports readiness and pings the watchdog only while inference makes
+//! progress ([`systemd`]).
 
 pub mod agent;
 pub mod config;
@@ -29,6 +31,7 @@ pub mod pool;
 pub mod router;
 pub mod serving;
 pub mod status;
+pub mod systemd;
 pub mod telemetry;
 pub mod update;
 pub mod window;

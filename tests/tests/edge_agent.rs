@@ -453,3 +453,66 @@ async fn broker_restart_reconnects_resubscribes_and_reports_losses() -> anyhow::
     );
     Ok(())
 }
+
+/// Reads notifications from systemd's side of the socket (100 ms read timeout) until `want`
+/// arrives or `quiet` reads in a row find nothing.
+fn wait_for_notice(
+    socket: &std::os::unix::net::UnixDatagram,
+    seen: &mut Vec<String>,
+    want: &str,
+    quiet: usize,
+) -> bool {
+    let mut buf = [0u8; 512];
+    let mut empty = 0;
+    while empty < quiet {
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let notice = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+                seen.push(notice.clone());
+                if notice == want {
+                    return true;
+                }
+            }
+            Err(_) => empty += 1,
+        }
+    }
+    false
+}
+
+#[test]
+fn under_systemd_the_agent_says_ready_pings_the_watchdog_and_says_stopping() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path)?;
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    // No broker listens: readiness is about the agent itself, which retries the broker.
+    // (Its status messages then wait for acknowledgements until the drain timeout.)
+    let port = spillway_tests::free_port()?;
+    let mut agent = Agent::start(
+        &agent_config(port, "gw-systemd", "drain_timeout_ms = 1000"),
+        &[
+            ("NOTIFY_SOCKET", path.to_str().expect("temp path is UTF-8")),
+            ("WATCHDOG_USEC", "300000"),
+        ],
+    )?;
+    let mut seen = Vec::new();
+    assert!(
+        wait_for_notice(&socket, &mut seen, "READY=1", 200),
+        "no READY=1; got {seen:?}; log:\n{}",
+        agent.log()
+    );
+    // A 300 ms watchdog wants a ping every 150 ms: expect several within a second.
+    seen.clear();
+    std::thread::sleep(Duration::from_secs(1));
+    socket.set_nonblocking(true)?;
+    wait_for_notice(&socket, &mut seen, "", 1);
+    socket.set_nonblocking(false)?;
+    let pings = seen.iter().filter(|n| *n == "WATCHDOG=1").count();
+    assert!(pings >= 4, "{pings} watchdog pings in 1 s: {seen:?}");
+    assert!(agent.terminate(Duration::from_secs(20))?, "unclean exit");
+    assert!(
+        wait_for_notice(&socket, &mut seen, "STOPPING=1", 10),
+        "no STOPPING=1; got {seen:?}"
+    );
+    Ok(())
+}
