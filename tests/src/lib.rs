@@ -192,11 +192,20 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent with `config` (TOML) and extra environment variables.
     pub fn start(config: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent> {
+        Agent::start_binary(&workspace_binary("edge-agent")?, config, env)
+    }
+
+    /// Starts a given `edge-agent` build (another profile or target) like [`Agent::start`].
+    pub fn start_binary(
+        binary: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Agent> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("agent.toml");
         std::fs::File::create(&path)?.write_all(config.as_bytes())?;
         let log = std::fs::File::create(dir.path().join("agent.log"))?;
-        let mut command = Command::new(workspace_binary("edge-agent")?);
+        let mut command = Command::new(binary);
         command
             .arg("--config")
             .arg(&path)
@@ -467,6 +476,14 @@ impl Publisher {
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> anyhow::Result<()> {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes one payload the broker keeps for later subscribers (empty clears it).
+    pub async fn publish_retained(&self, topic: &str, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload)
             .await?;
         Ok(())
     }
