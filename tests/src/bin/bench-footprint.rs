@@ -29,7 +29,11 @@ use spillway_tests::{
 /// Gateway targets with the `strip` that reads their binaries.
 const TARGETS: [(&str, &str, &str); 4] = [
     ("x86_64", "", "strip"),
-    ("x86_64, static (musl)", "x86_64-unknown-linux-musl", "strip"),
+    (
+        "x86_64, static (musl)",
+        "x86_64-unknown-linux-musl",
+        "strip",
+    ),
     (
         "aarch64",
         "aarch64-unknown-linux-gnu",
@@ -134,7 +138,9 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
 
-    println!("### Memory and start-up on this x86_64 machine, `vibration-ae` (median of {runs} starts)\n");
+    println!(
+        "### Memory and start-up on this x86_64 machine, `vibration-ae` (median of {runs} starts)\n"
+    );
     println!(
         "| build | start to first inference (median / slowest) | RSS idle, model loaded | peak RSS at {RATE} windows/s |"
     );
