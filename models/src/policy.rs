@@ -335,6 +335,13 @@ impl Policy for Kpa {
 }
 
 /// A reactive policy raised to the replicas the forecast demand `horizon_secs` ahead needs.
+///
+/// The replicas are sized for the peak of the forecast path over the horizon, after a
+/// centred moving average of `smoothing` ticks. Without it, the peak of a path whose every
+/// step carries its own noise (the seasonal slots of Holt-Winters, learnt from Poisson counts)
+/// sits well above the mean, and the policy pays for replicas that only that noise asked for,
+/// on top of the headroom the target utilisation already leaves. The average is centred and the
+/// path runs half a window past the horizon, so a rise right at the horizon is not delayed.
 pub struct Predictive {
     reactive: Box<dyn Policy + Send>,
     forecaster: Box<dyn Forecaster + Send>,
@@ -344,6 +351,8 @@ pub struct Predictive {
     pub target_utilisation: f64,
     /// Upper bound.
     pub max: usize,
+    /// Ticks the forecast path is averaged over before its peak is taken (1: not at all).
+    pub smoothing: usize,
     last_forecast: f64,
 }
 
@@ -362,6 +371,7 @@ impl Predictive {
             horizon,
             target_utilisation,
             max,
+            smoothing: DEFAULT_SMOOTHING,
             last_forecast: 0.0,
         }
     }
@@ -370,6 +380,23 @@ impl Predictive {
     pub fn last_forecast(&self) -> f64 {
         self.last_forecast
     }
+}
+
+/// Default `smoothing`: about Knative's panic window, the shortest span a reactive
+/// autoscaler sizes for.
+pub const DEFAULT_SMOOTHING: usize = 7;
+
+/// The largest centred moving average (`window` ticks) of `path(1..=horizon)`; the path is read
+/// half a window past the horizon so the last averages are whole.
+fn peak_of_smoothed(path: impl Fn(usize) -> f64, horizon: usize, window: usize) -> f64 {
+    let half = window.max(1) / 2;
+    let values: Vec<f64> = (1..=horizon + half).map(path).collect();
+    (0..horizon)
+        .map(|k| {
+            let span = &values[k.saturating_sub(half)..=k + half];
+            span.iter().sum::<f64>() / span.len() as f64
+        })
+        .fold(0.0, f64::max)
 }
 
 impl Policy for Predictive {
@@ -384,9 +411,11 @@ impl Policy for Predictive {
         self.forecaster.observe(now, obs.demand);
         let reactive = self.reactive.decide(now, obs);
         // The peak forecast over the warm-up horizon, so a replica started now is ready for it.
-        let forecast = (1..=self.horizon.max(1))
-            .map(|h| self.forecaster.forecast(h))
-            .fold(0.0, f64::max);
+        let forecast = peak_of_smoothed(
+            |k| self.forecaster.forecast(k),
+            self.horizon.max(1),
+            self.smoothing,
+        );
         self.last_forecast = forecast;
         let ahead = (forecast / (obs.capacity * self.target_utilisation)).ceil();
         let ahead = if ahead.is_finite() && ahead > 0.0 {
@@ -691,6 +720,24 @@ mod tests {
             },
         );
         assert_eq!(q.q, before, "a frozen learner does not learn");
+    }
+
+    #[test]
+    fn the_forecast_peak_ignores_one_noisy_step_but_not_a_rise_at_the_horizon() {
+        let spike = |k: usize| if k == 10 { 170.0 } else { 100.0 };
+        assert_eq!(peak_of_smoothed(spike, 30, 1), 170.0);
+        assert!((peak_of_smoothed(spike, 30, 7) - 110.0).abs() < 1e-9);
+        // A step to 200 at the last step of the horizon: the centred window there holds the
+        // step and the half window past it, 4 of 7 values.
+        let step = |k: usize| if k >= 30 { 200.0 } else { 100.0 };
+        let peak = peak_of_smoothed(step, 30, 7);
+        assert!(
+            (peak - (3.0 * 100.0 + 4.0 * 200.0) / 7.0).abs() < 1e-9,
+            "{peak}"
+        );
+        // One step earlier, the whole window is past it.
+        let step = |k: usize| if k >= 27 { 200.0 } else { 100.0 };
+        assert_eq!(peak_of_smoothed(step, 30, 7), 200.0);
     }
 
     #[test]
