@@ -169,16 +169,23 @@ impl Fleet {
         state.record.enrolled_at = Some(now);
     }
 
-    /// A heartbeat arrived on `agent`'s session `session`; false if that session is not the
-    /// agent's current one (a stale connection).
-    pub fn heartbeat(&mut self, agent: &str, session: u64, heartbeat: Heartbeat, now: i64) -> bool {
-        let Some(state) = self.agents.get_mut(agent) else {
-            return false;
-        };
+    /// A heartbeat arrived on `agent`'s session `session`. `None` if that session is not the
+    /// agent's current one (a stale connection); otherwise whether the agent now reports other
+    /// model versions than before.
+    pub fn heartbeat(
+        &mut self,
+        agent: &str,
+        session: u64,
+        heartbeat: Heartbeat,
+        now: i64,
+    ) -> Option<bool> {
+        let state = self.agents.get_mut(agent)?;
         if state.session != Some(session) {
-            return false;
+            return None;
         }
-        if !heartbeat.models.is_empty() && !same_models(&state.record.models, &heartbeat) {
+        let models_changed =
+            !heartbeat.models.is_empty() && !same_models(&state.record.models, &heartbeat);
+        if models_changed {
             state.record.models = heartbeat
                 .models
                 .iter()
@@ -194,7 +201,7 @@ impl Fleet {
             state.dirty = true;
         }
         state.online = true;
-        true
+        Some(models_changed)
     }
 
     /// `agent`'s session `session` closed.
@@ -400,11 +407,11 @@ mod tests {
     fn silence_turns_an_agent_offline_and_a_heartbeat_brings_it_back() {
         let mut fleet = Fleet::new(vec![], 3_000);
         fleet.hello(&hello("gw-1"), 1, 0);
-        assert!(fleet.heartbeat("gw-1", 1, beat(0.0), 1_000));
+        assert!(fleet.heartbeat("gw-1", 1, beat(0.0), 1_000).is_some());
         assert_eq!(fleet.sweep(3_500), Transitions::default());
         assert_eq!(fleet.sweep(4_001).offline, vec!["gw-1".to_string()]);
         assert!(!fleet.view("gw-1").expect("known").online);
-        assert!(fleet.heartbeat("gw-1", 1, beat(0.0), 5_000));
+        assert!(fleet.heartbeat("gw-1", 1, beat(0.0), 5_000).is_some());
         assert!(fleet.view("gw-1").expect("known").online);
     }
 
@@ -413,7 +420,7 @@ mod tests {
         let mut fleet = Fleet::new(vec![], 3_000);
         fleet.hello(&hello("gw-1"), 1, 0);
         fleet.hello(&hello("gw-1"), 2, 100);
-        assert!(!fleet.heartbeat("gw-1", 1, beat(0.0), 200));
+        assert_eq!(fleet.heartbeat("gw-1", 1, beat(0.0), 200), None);
         fleet.closed("gw-1", 1);
         assert!(
             fleet.view("gw-1").expect("known").online,
@@ -445,14 +452,18 @@ mod tests {
         let mut fleet = Fleet::new(vec![], 3_000);
         fleet.hello(&hello("gw-1"), 1, 0);
         assert_eq!(fleet.take_dirty().len(), 1, "a new session is stored");
-        fleet.heartbeat("gw-1", 1, beat(0.0), 1_000);
+        assert_eq!(fleet.heartbeat("gw-1", 1, beat(0.0), 1_000), Some(false));
         assert!(
             fleet.take_dirty().is_empty(),
             "same models, last seen fresh enough"
         );
         let mut upgraded = beat(0.0);
         upgraded.models[0].version = 2;
-        fleet.heartbeat("gw-1", 1, upgraded.clone(), 2_000);
+        assert_eq!(
+            fleet.heartbeat("gw-1", 1, upgraded.clone(), 2_000),
+            Some(true),
+            "a new model version is news"
+        );
         let stored = fleet.take_dirty();
         assert_eq!(stored[0].models, "bearing-cnn@2");
         fleet.heartbeat("gw-1", 1, upgraded.clone(), 2_000 + SEEN_PERSIST_MS);

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -128,6 +128,10 @@ pub struct Hub {
     pub downloading: Mutex<HashMap<String, usize>>,
     /// Turns for model downloads.
     pub download_slots: Arc<tokio::sync::Semaphore>,
+    /// Set when something a rollout waits for changed (an agent reports other model versions,
+    /// a rollout starts or is resumed): the rollouts step at the sweeper's next tick instead of
+    /// the next second.
+    rollouts_due: AtomicBool,
     /// Each connected agent's session id and the queue of messages to push to it.
     mailboxes: Mutex<HashMap<String, (u64, tokio::sync::mpsc::Sender<Message>)>>,
     next_session: AtomicU64,
@@ -243,6 +247,7 @@ impl Hub {
         self.registry
             .save_rollout(id, model, &serde_json::to_string(&rollout)?, now)?;
         rollouts.list.push(rollout.clone());
+        self.rollouts_due.store(true, Ordering::Relaxed);
         tracing::info!(model, version, id, canary = ?rollout.canary, "rollout started");
         Ok(rollout)
     }
@@ -263,6 +268,7 @@ impl Hub {
         let r = r.clone();
         self.registry
             .save_rollout(id, &r.model, &serde_json::to_string(&r)?, now)?;
+        self.rollouts_due.store(true, Ordering::Relaxed);
         Ok(r)
     }
 
@@ -387,7 +393,9 @@ impl Hub {
         let was_offline = {
             let mut fleet = self.fleet();
             let was = !fleet.is_online(agent);
-            fleet.heartbeat(agent, id, heartbeat, unix_ms());
+            if fleet.heartbeat(agent, id, heartbeat, unix_ms()) == Some(true) {
+                self.rollouts_due.store(true, Ordering::Relaxed);
+            }
             was
         };
         if was_offline {
@@ -483,6 +491,7 @@ pub async fn run(
         mailboxes: Mutex::default(),
         downloading: Mutex::default(),
         download_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_downloads.max(1))),
+        rollouts_due: AtomicBool::new(false),
         versions: tokio::sync::watch::Sender::new(Versions::default()),
         next_session: AtomicU64::new(0),
         open: AtomicUsize::new(0),
@@ -557,8 +566,8 @@ async fn sweep(hub: Arc<Hub>, shutdown: CancellationToken) {
         }
         n += 1;
         // Agent records reach the disk every 2 s, in one transaction.
-        // Rollouts advance every second.
-        if n.is_multiple_of(4) {
+        // Rollouts advance every second, and at once when something they wait for changed.
+        if n.is_multiple_of(4) || hub.rollouts_due.swap(false, Ordering::Relaxed) {
             let hub = Arc::clone(&hub);
             let _ = tokio::task::spawn_blocking(move || hub.step_rollouts()).await;
         }

@@ -233,6 +233,8 @@ async fn session(
     }
     let period = Duration::from_millis(u64::from(welcome.heartbeat_ms.max(100)));
     let mut ticker = tokio::time::interval(period);
+    // An install or rollback that finished is reported at once: a rollout waits for it.
+    let report_now = Arc::new(tokio::sync::Notify::new());
     let mut seq = 0u64;
     loop {
         tokio::select! {
@@ -240,6 +242,7 @@ async fn session(
                 conn.close(0u32.into(), b"agent stopping");
                 return Ok(());
             }
+            () = report_now.notified() => ticker.reset_immediately(),
             _ = ticker.tick() => {
                 let mut beat = (ctx.report)();
                 beat.seq = seq;
@@ -251,17 +254,22 @@ async fn session(
                 Some(Message::ModelUpdate(signed)) => match &ctx.updater {
                     Some(updater) => {
                         let (updater, conn) = (Arc::clone(updater), conn.clone());
-                        tokio::spawn(async move { updater.update(conn, signed).await });
+                        let report_now = Arc::clone(&report_now);
+                        tokio::spawn(async move {
+                            updater.update(conn, signed).await;
+                            report_now.notify_one();
+                        });
                     }
                     None => tracing::warn!("the hub sent a model update; this agent takes none"),
                 },
                 Some(Message::ModelRollback(to)) => {
                     if let Some(updater) = &ctx.updater {
-                        let updater = Arc::clone(updater);
+                        let (updater, report_now) = (Arc::clone(updater), Arc::clone(&report_now));
                         tokio::task::spawn_blocking(move || {
                             if let Err(e) = updater.rollback(&to.name, to.version) {
                                 tracing::error!("{e:#}");
                             }
+                            report_now.notify_one();
                         });
                     }
                 }

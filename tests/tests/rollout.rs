@@ -272,6 +272,27 @@ async fn canary_then_everyone_and_a_drifting_version_goes_back() -> anyhow::Resu
     Ok(())
 }
 
+/// A rollout does not wait for the next heartbeat: the hub acts on a new rollout at once, and
+/// an agent reports a finished install at once. With heartbeats a minute apart, a rollout that
+/// waited for them would take a minute or more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_moves_on_as_soon_as_an_install_is_done_not_at_the_next_heartbeat()
+-> anyhow::Result<()> {
+    let Some(mosquitto) = require_mosquitto() else {
+        return Ok(());
+    };
+    let broker = Broker::shared_or_start(&mosquitto)?;
+    let hub = HubProcess::start(&["--heartbeat-ms", "60000", "--offline-after-ms", "300000"])?;
+    let members = start_members(&broker, &hub, &["prompt-1", "prompt-2"]).await?;
+    publish(&hub, &fixture("bearing-cnn-v2.onnx"), 2)?;
+    let id = start_rollout(&hub, 2, "50%", "0s")?;
+    wait_stage(&hub, id, "done", Duration::from_secs(30));
+    for m in &members {
+        assert_eq!(hub.model_version(&m.name, MODEL), Some(2), "{}", m.name);
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_updates_are_refused_and_the_old_model_keeps_serving() -> anyhow::Result<()> {
     let Some(mosquitto) = require_mosquitto() else {

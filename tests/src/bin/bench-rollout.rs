@@ -410,9 +410,12 @@ async fn session(
     };
     let key = welcome.hub_public_key.clone();
     let mut ticker = tokio::time::interval(Duration::from_millis(u64::from(welcome.heartbeat_ms)));
+    // As the agent does: a finished install is reported at once.
+    let report_now = Arc::new(tokio::sync::Notify::new());
     let mut seq = 0;
     loop {
         tokio::select! {
+            () = report_now.notified() => ticker.reset_immediately(),
             _ = ticker.tick() => {
                 let v = version.load(Ordering::Relaxed);
                 let beat = Heartbeat {
@@ -442,12 +445,13 @@ async fn session(
                 if let Message::ModelUpdate(signed) = message?
                     && !busy.swap(true, Ordering::Relaxed)
                 {
-                    let (conn, version, tally, key, busy) = (
+                    let (conn, version, tally, key, busy, report_now) = (
                         conn.clone(),
                         Arc::clone(version),
                         Arc::clone(tally),
                         key.clone(),
                         Arc::clone(busy),
+                        Arc::clone(&report_now),
                     );
                     tokio::spawn(async move {
                         match install(&conn, &signed, &key, &version).await {
@@ -459,6 +463,7 @@ async fn session(
                             }
                         }
                         busy.store(false, Ordering::Relaxed);
+                        report_now.notify_one();
                     });
                 }
             }
