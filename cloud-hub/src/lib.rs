@@ -15,9 +15,11 @@
 //!
 //! Model updates: [`store`] checks a model with tract, keeps it by digest and signs its
 //! manifest; [`rollout`] is the pure canary → bake → all state machine with its health gates
-//! and rollback, stepped by the hub every second on the agents' heartbeats; sessions push its
-//! orders and serve the downloads, and the replica manager moves replicas to a version once
-//! it reaches every agent.
+//! and rollback, stepped by the hub every second on the agents' heartbeats, and within a
+//! quarter second when a rollout starts or an agent reports a new version (agents report an
+//! install when it is done, not at their next heartbeat); sessions push its orders and serve
+//! the downloads, and the replica manager moves replicas to a version once it reaches every
+//! agent.
 
 pub mod api;
 pub mod autoscale;

@@ -66,3 +66,10 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS")?;
     Ok(kb * 1024)
 }
+
+/// The median of `values` (the upper one of an even count; NaN when there are none). Sorts
+/// `values`.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}

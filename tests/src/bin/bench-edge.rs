@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use models::{LoadedModel, zoo};
 use protocol::payload::{encode_plain_cbor, encode_plain_json};
+use spillway_tests::load::median;
 use spillway_tests::{Agent, Broker, Listener, Publisher, mosquitto_path, reference};
 
 struct Row {
@@ -411,9 +412,4 @@ fn python_ready(repo: &Path) -> bool {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use protocol::payload::encode_plain_json;
 use spillway_tests::{
-    Agent, Broker, Listener, Publisher, load::rss_bytes, mosquitto_path, reference,
+    Agent, Broker, Listener, Publisher,
+    load::{median, rss_bytes},
+    mosquitto_path, reference,
 };
 
 /// Gateway targets with the `strip` that reads their binaries.
@@ -312,11 +314,6 @@ fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 #[cfg(test)]
