@@ -2,7 +2,7 @@
 //!
 //! A server presents its own certificate and demands one from every client, verified against
 //! the fleet CA only (no system roots): a client with no certificate, or one signed by anyone
-//! else, fails the handshake. TLS 1.3 and the ALPN `spillway/1` only; ring is the one crypto
+//! else, fails the handshake. TLS 1.3 and the ALPN `spillway/2` only; ring is the one crypto
 //! provider.
 
 use std::path::{Path, PathBuf};

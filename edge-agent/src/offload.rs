@@ -43,7 +43,7 @@ const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 const EJECT_AFTER: u32 = 3;
 
 /// QUIC client settings: the agent's certificate, the fleet CA as the only root, ALPN
-/// `spillway/1`, TLS 1.3, keep-alive.
+/// `spillway/2`, TLS 1.3, keep-alive.
 pub fn client_config(
     ca: &std::path::Path,
     cert: &std::path::Path,
