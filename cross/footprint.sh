@@ -5,6 +5,10 @@
 #                                 aarch64 and armv7, and a static x86_64 musl gateway build
 #                                 (targets whose toolchain is missing are skipped); then run
 #                                 target/release/bench-footprint
+#   cross/footprint.sh settings   what each setting of the gateway profile is worth: x86_64
+#                                 gateway builds with one setting changed at a time, each in
+#                                 its own target folder (target/settings/), and a table of
+#                                 stripped sizes (about 6 minutes per build on two cores)
 #
 # Each gateway build takes several minutes on two cores (fat LTO, one codegen unit).
 set -eu
@@ -50,8 +54,35 @@ builds)
         echo "x86_64-unknown-linux-musl skipped: no musl-gcc or no Rust target"
     fi
     ;;
+settings)
+    out=target/settings
+    mkdir -p "$out"
+    # name|--config values (none: the gateway profile as it is)
+    variants='gateway as it is|
+opt-level = 3|profile.gateway.opt-level=3
+opt-level = "z"|profile.gateway.opt-level="z"
+lto = false|profile.gateway.lto=false
+codegen-units = 16|profile.gateway.codegen-units=16
+panic = "unwind"|profile.gateway.panic="unwind"'
+    base=""
+    echo "| gateway profile with | stripped size | vs gateway | build time |"
+    echo "| --- | --- | --- | --- |"
+    echo "$variants" | while IFS='|' read -r name setting; do
+        dir="$out/$(echo "$name" | tr -c 'a-z0-9\n' '-')"
+        set -- --profile gateway -p edge-agent --bin edge-agent --target-dir "$dir"
+        [ -n "$setting" ] && set -- "$@" --config "$setting"
+        start=$(date +%s)
+        cargo build -q "$@"
+        took=$(($(date +%s) - start))
+        strip -o "$dir/edge-agent.stripped" "$dir/gateway/edge-agent"
+        size=$(stat -c %s "$dir/edge-agent.stripped")
+        [ -z "$base" ] && base=$size
+        awk -v n="$name" -v s="$size" -v b="$base" -v t="$took" \
+            'BEGIN { printf "| %s | %.2f MB | %+.1f %% | %d s |\n", n, s / 1e6, (s / b - 1) * 100, t }'
+    done
+    ;;
 *)
-    sed -n '2,10p' "$0" >&2
+    sed -n '2,14p' "$0" >&2
     exit 2
     ;;
 esac
