@@ -193,6 +193,9 @@ enum RolloutCommand {
         /// Highest share of windows where the anomaly decision differs.
         #[arg(long)]
         max_flip_share: Option<f64>,
+        /// Highest p99 inference time of the new version, as a multiple of the old one's.
+        #[arg(long)]
+        max_p99_ratio: Option<f64>,
         /// The hub's HTTP address.
         #[arg(long, default_value = "http://127.0.0.1:8080", env = "SPILLWAY_HUB")]
         hub: String,
@@ -340,6 +343,7 @@ fn main() -> anyhow::Result<()> {
                 bake,
                 max_drift,
                 max_flip_share,
+                max_p99_ratio,
                 hub,
             } => {
                 let mut ask = serde_json::json!({
@@ -353,6 +357,9 @@ fn main() -> anyhow::Result<()> {
                 }
                 if let Some(f) = max_flip_share {
                     ask["max_flip_share"] = f.into();
+                }
+                if let Some(r) = max_p99_ratio {
+                    ask["max_p99_ratio"] = r.into();
                 }
                 cloud_hub::client::rollout_start(&hub, &ask)?;
             }

@@ -119,8 +119,20 @@ impl HubProcess {
         canary: &str,
         bake: &str,
     ) -> anyhow::Result<u64> {
+        self.start_rollout_with(model, version, canary, bake, &[])
+    }
+
+    /// [`HubProcess::start_rollout`] with more flags (`--max-drift 0.2` …).
+    pub fn start_rollout_with(
+        &self,
+        model: &str,
+        version: u32,
+        canary: &str,
+        bake: &str,
+        flags: &[&str],
+    ) -> anyhow::Result<u64> {
         let version = version.to_string();
-        let out = self.cli(&[
+        let mut args = vec![
             "rollout",
             "start",
             model,
@@ -130,7 +142,9 @@ impl HubProcess {
             canary,
             "--bake",
             bake,
-        ])?;
+        ];
+        args.extend_from_slice(flags);
+        let out = self.cli(&args)?;
         // "rollout N started: …"
         out.split_whitespace()
             .nth(1)
