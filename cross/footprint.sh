@@ -5,10 +5,12 @@
 #                                 aarch64 and armv7, and a static x86_64 musl gateway build
 #                                 (targets whose toolchain is missing are skipped); then run
 #                                 target/release/bench-footprint
-#   cross/footprint.sh settings   what each setting of the gateway profile is worth: x86_64
+#   cross/footprint.sh settings [PATTERN]
+#                                 what each setting of the gateway profile is worth: x86_64
 #                                 gateway builds with one setting changed at a time, each in
 #                                 its own target folder (target/settings/), and a table of
-#                                 stripped sizes (about 6 minutes per build on two cores)
+#                                 stripped sizes (10-25 minutes per build on two cores);
+#                                 PATTERN (grep -E) picks the variants, e.g. 'lto|panic'
 #
 # Each gateway build takes several minutes on two cores (fat LTO, one codegen unit).
 set -eu
@@ -67,7 +69,12 @@ panic = "unwind"|profile.gateway.panic="unwind"'
     base=""
     echo "| gateway profile with | stripped size | vs gateway | build time |"
     echo "| --- | --- | --- | --- |"
+    # An optional pattern picks variants (the unchanged profile is always built, as the base).
+    only=${2:-}
     echo "$variants" | while IFS='|' read -r name setting; do
+        if [ -n "$only" ] && [ -n "$setting" ] && ! echo "$name" | grep -Eq -- "$only"; then
+            continue
+        fi
         dir="$out/$(echo "$name" | tr -c 'a-z0-9\n' '-')"
         set -- --profile gateway -p edge-agent --bin edge-agent --target-dir "$dir"
         [ -n "$setting" ] && set -- "$@" --config "$setting"
@@ -82,7 +89,7 @@ panic = "unwind"|profile.gateway.panic="unwind"'
     done
     ;;
 *)
-    sed -n '2,14p' "$0" >&2
+    sed -n '2,15p' "$0" >&2
     exit 2
     ;;
 esac
