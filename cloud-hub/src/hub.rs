@@ -567,7 +567,9 @@ async fn sweep(hub: Arc<Hub>, shutdown: CancellationToken) {
         n += 1;
         // Agent records reach the disk every 2 s, in one transaction.
         // Rollouts advance every second, and at once when something they wait for changed.
-        if n.is_multiple_of(4) || hub.rollouts_due.swap(false, Ordering::Relaxed) {
+        // The flag is cleared on every step, so a periodic step does not leave one queued.
+        let due = hub.rollouts_due.swap(false, Ordering::Relaxed);
+        if due || n.is_multiple_of(4) {
             let hub = Arc::clone(&hub);
             let _ = tokio::task::spawn_blocking(move || hub.step_rollouts()).await;
         }
