@@ -7,12 +7,15 @@
 //! - for builds that run here (x86_64), with mosquitto on loopback and the sample model
 //!   (`vibration-ae`): time from spawning the process to the first inference result on MQTT
 //!   (a retained window waits for it), resident memory idle with the model loaded, and peak
-//!   resident memory under a steady load of ten 12.8 kHz vibration sensors (1,000 windows/s).
+//!   resident memory and the agent's CPU time per window under a steady load of ten 12.8 kHz
+//!   vibration sensors (1,000 windows/s).
 //!
 //! Medians over `--runs` (default 5) starts of each build, builds interleaved so that a noisy
 //! neighbour hits them alike. Build first, e.g.
 //! `cargo build --release --workspace --bins && cargo build --profile gateway -p edge-agent`
 //! (and `cross/footprint.sh` for every target and profile), then `target/release/bench-footprint`.
+//! `--also LABEL=PATH` adds another x86_64 build to the memory and start-up table, e.g. one of
+//! the `cross/footprint.sh settings` variants.
 
 #![allow(clippy::disallowed_methods)] // a benchmark reads the clock
 
@@ -24,7 +27,7 @@ use anyhow::{Context, bail};
 use protocol::payload::encode_plain_json;
 use spillway_tests::{
     Agent, Broker, Listener, Publisher,
-    load::{median, rss_bytes},
+    load::{cpu_secs, median, rss_bytes},
     mosquitto_path, reference,
 };
 
@@ -58,6 +61,8 @@ struct Start {
     first_ms: f64,
     idle_mb: f64,
     loaded_mb: f64,
+    /// The agent's CPU time (user + system) per window of the steady load.
+    cpu_us: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +99,20 @@ fn main() -> anyhow::Result<()> {
             }
         }
         println!("| {arch} | {} |", cells.join(" | "));
+    }
+    for pair in args
+        .windows(2)
+        .filter(|w| w[0] == "--also")
+        .map(|w| w[1].as_str())
+    {
+        let (label, path) = pair
+            .split_once('=')
+            .with_context(|| format!("--also wants LABEL=PATH, not {pair:?}"))?;
+        let binary = PathBuf::from(path);
+        anyhow::ensure!(binary.exists(), "{path} does not exist");
+        let size = stripped_size(&binary, "strip")?;
+        println!("| {label} (stripped) | {:.2} MB | |", size as f64 / 1e6);
+        native.push((label.to_owned(), binary));
     }
     println!(
         "\nGoal: ≤ 8 MB on aarch64. Anchors: a Rust + ONNX Runtime Greengrass sample agent \
@@ -144,19 +163,21 @@ fn main() -> anyhow::Result<()> {
         "### Memory and start-up on this x86_64 machine, `vibration-ae` (median of {runs} starts)\n"
     );
     println!(
-        "| build | start to first inference (median / slowest) | RSS idle, model loaded | peak RSS at {RATE} windows/s |"
+        "| build | start to first inference (median / slowest) | RSS idle, model loaded | peak RSS at {RATE} windows/s | agent CPU per window |"
     );
-    println!("| --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- |");
     for ((label, _), runs) in native.iter().zip(&starts) {
         let mut first: Vec<f64> = runs.iter().map(|s| s.first_ms).collect();
         let mut idle: Vec<f64> = runs.iter().map(|s| s.idle_mb).collect();
         let mut loaded: Vec<f64> = runs.iter().map(|s| s.loaded_mb).collect();
+        let mut cpu: Vec<f64> = runs.iter().map(|s| s.cpu_us).collect();
         println!(
-            "| {label} | {:.0} / {:.0} ms | {:.1} MB | {:.1} MB |",
+            "| {label} | {:.0} / {:.0} ms | {:.1} MB | {:.1} MB | {:.0} µs |",
             median(&mut first),
             first.iter().copied().fold(0.0, f64::max),
             median(&mut idle),
-            median(&mut loaded)
+            median(&mut loaded),
+            median(&mut cpu)
         );
     }
     println!(
@@ -277,6 +298,7 @@ default_model = "vibration-ae"
     let period = Duration::from_secs_f64(SENSORS as f64 / RATE as f64);
     let mut ticks = tokio::time::interval(period);
     let mut loaded_mb = idle_mb;
+    let cpu_before = cpu_secs(pid)?;
     let begin = Instant::now();
     let mut sent = 0;
     while begin.elapsed() < Duration::from_secs(LOAD_SECS) {
@@ -299,6 +321,7 @@ default_model = "vibration-ae"
     {
         bail!("results missing after the load; log:\n{}", agent.log());
     }
+    let cpu_us = (cpu_secs(pid)? - cpu_before) / sent as f64 * 1e6;
     anyhow::ensure!(
         agent.terminate(Duration::from_secs(10))?,
         "agent did not stop cleanly"
@@ -307,6 +330,7 @@ default_model = "vibration-ae"
         first_ms,
         idle_mb,
         loaded_mb,
+        cpu_us,
     })
 }
 
