@@ -302,11 +302,11 @@ pub struct Offload {
     io: IoThread,
 }
 
-/// The thread the offload client's packets and request tasks run on.
+/// The thread the offload client's packets and request tasks run on. Dropping it lets the
+/// thread's runtime end (its `stop` sender is gone); [`IoThread::stop`] also waits for it.
 struct IoThread {
-    /// Dropping it (or sending) lets the thread's runtime end.
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl IoThread {
@@ -325,28 +325,14 @@ impl IoThread {
                 });
             })
             .context("starting the offload thread")?;
-        Ok((
-            IoThread {
-                stop: Some(stop),
-                thread: Some(thread),
-            },
-            handle,
-        ))
+        Ok((IoThread { stop, thread }, handle))
     }
 
     /// Ends the runtime (tasks still on it are dropped) and waits for the thread.
-    async fn stop(mut self) {
-        self.stop.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
-    }
-}
-
-impl Drop for IoThread {
-    fn drop(&mut self) {
-        // Without `stop`, the thread ends by itself once the sender is gone.
-        self.stop.take();
+    async fn stop(self) {
+        let IoThread { stop, thread } = self;
+        drop(stop);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
 }
 
