@@ -6,7 +6,10 @@
 //! (except the seasonal buffers sized at construction) and deterministic, so the agent, the
 //! hub and the simulator run the very same code. [`evaluate`] scores a forecaster on a series
 //! by rolling origin at a fixed horizon: MAE, RMSE, MASE (scaled by the in-sample seasonal-naive
-//! MAE at the same horizon), sMAPE and the share of steps that under-forecast.
+//! MAE at the same horizon), sMAPE and the share of steps that under-forecast. Two
+//! combinators build on the others: [`Bucketed`] runs a forecaster on the means of coarser
+//! buckets of steps (a series recorded per hour, observed per second), [`Direct`] keeps one
+//! forecaster per horizon for those that learn a single one.
 
 use std::collections::VecDeque;
 
@@ -396,6 +399,104 @@ impl Forecaster for OnlineLinear {
     }
 }
 
+/// A forecaster run on a coarser step: the mean of every `width` observations is one
+/// observation of `inner`, and `forecast(h)` asks `inner` for the bucket that the step `h`
+/// ahead falls in.
+///
+/// A demand series that is recorded per bucket (an hourly count, a per-minute rate) is best
+/// forecast at that resolution: its seasons and lags are whole buckets, and the averaging
+/// removes the arrival noise of the fine steps the policies observe.
+#[derive(Debug, Clone)]
+pub struct Bucketed<F> {
+    width: usize,
+    inner: F,
+    sum: f64,
+    count: usize,
+    /// Step of the first observation of the current bucket.
+    start: f64,
+}
+
+impl<F: Forecaster> Bucketed<F> {
+    /// Feeds `inner` the mean of every `width` consecutive observations.
+    pub fn new(width: usize, inner: F) -> Self {
+        Bucketed {
+            width: width.max(1),
+            inner,
+            sum: 0.0,
+            count: 0,
+            start: 0.0,
+        }
+    }
+}
+
+impl<F> Bucketed<F> {
+    /// The bucket the step `h` ahead lies in, counted from the last complete one.
+    fn ahead(&self, h: usize) -> usize {
+        (self.count + h.max(1) - 1) / self.width + 1
+    }
+}
+
+impl<F: Forecaster> Forecaster for Bucketed<F> {
+    fn name(&self) -> String {
+        format!("{} per {} steps", self.inner.name(), self.width)
+    }
+    fn observe(&mut self, t: f64, y: f64) {
+        if self.count == 0 {
+            self.start = t;
+        }
+        self.sum += y;
+        self.count += 1;
+        if self.count == self.width {
+            let bucket = (self.start / self.width as f64).floor();
+            self.inner.observe(bucket, self.sum / self.width as f64);
+            self.sum = 0.0;
+            self.count = 0;
+        }
+    }
+    fn forecast(&self, h: usize) -> f64 {
+        self.inner.forecast(self.ahead(h))
+    }
+}
+
+/// Direct multi-step forecasting: one forecaster per horizon, `forecast(h)` asks the one
+/// trained for `h` (the last one beyond their count). Suits forecasters that, like
+/// [`OnlineLinear`], learn a single horizon.
+pub struct Direct {
+    per_horizon: Vec<Box<dyn Forecaster + Send>>,
+}
+
+impl Direct {
+    /// `make(h)` builds the forecaster for horizon `h`, for `h` in `1..=horizons`.
+    pub fn new(horizons: usize, make: impl Fn(usize) -> Box<dyn Forecaster + Send>) -> Self {
+        Direct {
+            per_horizon: (1..=horizons.max(1)).map(make).collect(),
+        }
+    }
+
+    fn for_horizon(&self, h: usize) -> &(dyn Forecaster + Send) {
+        self.per_horizon[h.clamp(1, self.per_horizon.len()) - 1].as_ref()
+    }
+}
+
+impl Forecaster for Direct {
+    fn name(&self) -> String {
+        let first = self
+            .per_horizon
+            .first()
+            .map(|f| f.name())
+            .unwrap_or_default();
+        format!("direct ×{} ({first}, …)", self.per_horizon.len())
+    }
+    fn observe(&mut self, t: f64, y: f64) {
+        for f in &mut self.per_horizon {
+            f.observe(t, y);
+        }
+    }
+    fn forecast(&self, h: usize) -> f64 {
+        self.for_horizon(h).forecast(h)
+    }
+}
+
 /// Forecast accuracy on one series at one horizon.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scores {
@@ -570,5 +671,61 @@ mod tests {
         assert!((s.mase - 1.0).abs() < 1e-12);
         let smape = 100.0 * (2.0 / 3.0 + 4.0 / 6.0 + 8.0 / 12.0) / 3.0;
         assert!((s.smape - smape).abs() < 1e-9);
+    }
+
+    /// Remembers what it was fed; forecasts `100·h + the last value`, so a test can read which
+    /// inner horizon a wrapper asked for.
+    #[derive(Default)]
+    struct Probe {
+        seen: Vec<(f64, f64)>,
+    }
+
+    impl Forecaster for Probe {
+        fn name(&self) -> String {
+            "probe".into()
+        }
+        fn observe(&mut self, t: f64, y: f64) {
+            self.seen.push((t, y));
+        }
+        fn forecast(&self, h: usize) -> f64 {
+            100.0 * h as f64 + self.seen.last().map_or(0.0, |s| s.1)
+        }
+    }
+
+    #[test]
+    fn bucketed_feeds_bucket_means_and_maps_the_horizon_to_buckets() {
+        let mut f = Bucketed::new(3, Probe::default());
+        for (t, y) in [1.0, 2.0, 3.0, 10.0, 20.0, 30.0, 7.0]
+            .into_iter()
+            .enumerate()
+        {
+            f.observe(t as f64, y);
+        }
+        // Two whole buckets (means 2 and 20, bucket steps 0 and 1); 7 waits in the third.
+        assert_eq!(f.inner.seen, vec![(0.0, 2.0), (1.0, 20.0)]);
+        // One step of the third bucket seen: steps 1–2 ahead finish it, 3–5 are the next one.
+        assert_eq!(f.forecast(1), 120.0);
+        assert_eq!(f.forecast(2), 120.0);
+        assert_eq!(f.forecast(3), 220.0);
+        assert_eq!(f.forecast(5), 220.0);
+        assert_eq!(f.forecast(6), 320.0);
+    }
+
+    #[test]
+    fn direct_asks_the_forecaster_of_each_horizon() {
+        let mut f = Direct::new(2, |h| {
+            Box::new(OnlineLinear::new(&[1], h, 0.05)) as Box<dyn Forecaster + Send>
+        });
+        // y alternates 0, 10: one step ahead is the other value, two steps ahead the same one.
+        for t in 0..4000 {
+            f.observe(t as f64, if t % 2 == 0 { 0.0 } else { 10.0 });
+        }
+        // The last value was 10.
+        assert!(f.forecast(1) < 1.0, "{}", f.forecast(1));
+        assert!(f.forecast(2) > 9.0, "{}", f.forecast(2));
+        assert!(
+            f.forecast(7) > 9.0,
+            "beyond the last horizon the last model answers"
+        );
     }
 }

@@ -338,19 +338,39 @@ pub mod workloads {
     }
 
     /// Parses a `ts,value` CSV (header optional); rows whose value does not parse are errors.
+    ///
+    /// A row whose time stamp repeats the previous row's is the same step recorded again (some
+    /// public series carry one row per event in that step): the step is kept once, with the
+    /// mean of its values, so that one value stays one step of time.
     pub fn parse_csv(text: &str) -> Result<Vec<f64>, String> {
         let mut values = Vec::new();
+        let mut last_ts: Option<&str> = None;
+        let mut repeats = 0.0;
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() {
                 continue;
             }
-            let field = line.rsplit(',').next().unwrap_or_default().trim();
-            match field.parse::<f64>() {
-                Ok(v) if v.is_finite() => values.push(v),
+            let (ts, field) = match line.rsplit_once(',') {
+                Some((ts, v)) => (Some(ts.trim()), v.trim()),
+                None => (None, line),
+            };
+            let v = match field.parse::<f64>() {
+                Ok(v) if v.is_finite() => v,
                 _ if i == 0 => continue,
                 _ => return Err(format!("line {}: {field:?} is not a number", i + 1)),
+            };
+            match (ts, last_ts, values.last_mut()) {
+                (Some(ts), Some(prev), Some(mean)) if ts == prev => {
+                    repeats += 1.0;
+                    *mean += (v - *mean) / (repeats + 1.0);
+                }
+                _ => {
+                    values.push(v);
+                    repeats = 0.0;
+                }
             }
+            last_ts = ts;
         }
         Ok(values)
     }
@@ -412,6 +432,16 @@ mod tests {
                 .expect("csv");
         assert_eq!(values, vec![12.0, 7.5]);
         assert!(workloads::parse_csv("ts,value\nx,1\ny,oops\n").is_err());
+        // A repeated time stamp is one step: its values are averaged, not replayed twice.
+        assert_eq!(
+            workloads::parse_csv("ts,value\n01:00,4\n01:00,6\n01:00,8\n02:00,1\n03:00,2\n")
+                .expect("csv with repeated time stamps"),
+            vec![6.0, 1.0, 2.0]
+        );
+        assert_eq!(
+            workloads::parse_csv("3\n4\n").expect("values only"),
+            vec![3.0, 4.0]
+        );
         assert_eq!(
             workloads::replay(&[1.0, 2.0], 2, 10.0),
             vec![5.0, 5.0, 10.0, 10.0]
