@@ -80,7 +80,7 @@ enum Command {
     Replica(cloud_hub::cli::ReplicaArgs),
     /// Load and run every sample model, and list them.
     Zoo,
-    /// Compare scaling policies on synthetic and shared workloads in the simulator.
+    /// Compare scaling policies on synthetic and replayed workloads in the simulator.
     Simulate {
         /// Folder with the shared `*_hourly.csv` series (skipped when absent).
         #[arg(long, default_value = "../shared/data/workloads")]
@@ -94,6 +94,21 @@ enum Command {
         /// Where the plots go (one SVG per workload).
         #[arg(long, default_value = "target/simulate")]
         out: PathBuf,
+        /// A `ts,value` CSV to replay as well (repeatable); named by its file stem.
+        #[arg(long)]
+        csv: Vec<PathBuf>,
+        /// Simulated seconds one row of a `--csv` series lasts.
+        #[arg(long, default_value_t = simulate::SECS_PER_ROW)]
+        secs_per_row: usize,
+        /// Rows of a `--csv` series replayed: the last ones.
+        #[arg(long, default_value_t = simulate::ROWS)]
+        rows: usize,
+        /// Requests per second the largest replayed value becomes.
+        #[arg(long, default_value_t = 400.0)]
+        peak: f64,
+        /// Season of a `--csv` series in rows (0: none).
+        #[arg(long, default_value_t = 24)]
+        season_rows: usize,
     },
     /// Score forecasters on the shared series at the replicas' warm-up horizon.
     ForecastEval {
@@ -413,6 +428,11 @@ fn main() -> anyhow::Result<()> {
             seeds,
             policies,
             out,
+            csv,
+            secs_per_row,
+            rows,
+            peak,
+            season_rows,
         } => {
             let kinds: Vec<PolicyKind> = if policies.is_empty() {
                 PolicyKind::ALL.to_vec()
@@ -430,6 +450,18 @@ fn main() -> anyhow::Result<()> {
                 Ok(shared) => scenarios.extend(shared),
                 Err(e) => eprintln!("shared series skipped: {e:#}"),
             }
+            let replay = simulate::Replay {
+                secs_per_row,
+                rows,
+                peak,
+                season_rows: (season_rows > 0).then_some(season_rows),
+            };
+            for path in &csv {
+                let name = path
+                    .file_stem()
+                    .map_or_else(|| "csv".into(), |s| s.to_string_lossy().into_owned());
+                scenarios.push(simulate::from_csv(path, &name, &replay)?);
+            }
             let start = Instant::now();
             let synthetic = simulate::run_matrix(&scenarios[..6], &kinds, seeds, &config);
             let synthetic_secs = start.elapsed().as_secs_f64();
@@ -445,12 +477,14 @@ fn main() -> anyhow::Result<()> {
                 "Predictive against KPA:\n\n{}",
                 simulate::goal_table(&cells)
             );
+            if kinds.contains(&PolicyKind::QLearning) {
+                println!(
+                    "Q-learning trained on the first 70 %, frozen, on the last 30 %:\n\n{}",
+                    simulate::q_holdout(&scenarios, seeds, &config)
+                );
+            }
             println!(
-                "Q-learning trained on the first 70 %, frozen, on the last 30 %:\n\n{}",
-                simulate::q_holdout(&scenarios, seeds, &config)
-            );
-            println!(
-                "Time: {} policies × 6 synthetic workloads × {seeds} seeds in {synthetic_secs:.1} s; with the shared series {total_secs:.1} s ({} cores).",
+                "Time: {} policies × 6 synthetic workloads × {seeds} seeds in {synthetic_secs:.1} s; with the replayed series {total_secs:.1} s ({} cores).",
                 kinds.len(),
                 std::thread::available_parallelism().map_or(1, |n| n.get())
             );

@@ -62,21 +62,60 @@ pub fn synthetic() -> Vec<Scenario> {
     ]
 }
 
-/// The shared hourly series in `dir`, the last [`ROWS`] hours each, replayed at
-/// [`SECS_PER_ROW`] seconds per hour and scaled to a peak of 400 requests per second.
-pub fn shared(dir: &Path) -> anyhow::Result<Vec<Scenario>> {
-    let mut out = Vec::new();
-    for file in ["bikesharing_hourly.csv", "traffic_volume_hourly.csv"] {
-        let values = read_series(&dir.join(file))?;
-        let tail = &values[values.len().saturating_sub(ROWS)..];
-        out.push(Scenario {
-            name: file.trim_end_matches("_hourly.csv").into(),
-            rates: workloads::replay(tail, SECS_PER_ROW, 400.0),
-            period: Some(24 * SECS_PER_ROW),
-            bucket: SECS_PER_ROW,
-        });
+/// How a `ts,value` CSV is replayed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replay {
+    /// Simulated seconds one row (one step of the series) lasts.
+    pub secs_per_row: usize,
+    /// Only the last this many rows are replayed (all of them when fewer).
+    pub rows: usize,
+    /// The largest replayed value becomes this many requests per second.
+    pub peak: f64,
+    /// The series' season in rows (24 for hourly data with a daily cycle), if it has one.
+    pub season_rows: Option<usize>,
+}
+
+impl Default for Replay {
+    /// The shared series: the last 14 days, an hour in [`SECS_PER_ROW`] s, a daily season.
+    fn default() -> Self {
+        Replay {
+            secs_per_row: SECS_PER_ROW,
+            rows: ROWS,
+            peak: 400.0,
+            season_rows: Some(24),
+        }
     }
-    Ok(out)
+}
+
+/// A scenario from the `ts,value` CSV at `path`, named `name`.
+pub fn from_csv(path: &Path, name: &str, replay: &Replay) -> anyhow::Result<Scenario> {
+    let values = read_series(path)?;
+    anyhow::ensure!(!values.is_empty(), "{path:?} holds no values");
+    anyhow::ensure!(replay.secs_per_row >= 1, "a row must last at least 1 s");
+    let tail = &values[values.len().saturating_sub(replay.rows)..];
+    Ok(Scenario {
+        name: name.into(),
+        rates: workloads::replay(tail, replay.secs_per_row, replay.peak),
+        period: replay
+            .season_rows
+            .filter(|m| *m > 1)
+            .map(|m| m * replay.secs_per_row),
+        bucket: replay.secs_per_row,
+    })
+}
+
+/// The shared hourly series in `dir`, replayed as [`Replay::default`] says.
+pub fn shared(dir: &Path) -> anyhow::Result<Vec<Scenario>> {
+    ["bikesharing", "traffic_volume"]
+        .into_iter()
+        .map(|name| {
+            from_csv(
+                &dir.join(format!("{name}_hourly.csv")),
+                name,
+                &Replay::default(),
+            )
+        })
+        .collect()
 }
 
 /// Reads a `ts,value` series.
@@ -139,7 +178,7 @@ impl PolicyKind {
 /// trend) otherwise.
 pub fn forecaster_for(scenario: &Scenario, horizon: usize) -> Box<dyn Forecaster + Send> {
     match scenario.period {
-        Some(m) if scenario.bucket > 1 => {
+        Some(m) if scenario.bucket > 1 && m % scenario.bucket == 0 => {
             let width = scenario.bucket;
             let day = m / width;
             // The policy reads the path up to half its smoothing window past the horizon,
@@ -603,6 +642,35 @@ mod tests {
         let busy = f.forecast(25);
         assert!(quiet < 100.0, "before the rise: {quiet}");
         assert!(busy > 200.0, "after the rise, within the warm-up: {busy}");
+    }
+
+    #[test]
+    fn a_csv_is_replayed_as_asked() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("load.csv");
+        // Four hours, the second recorded twice; the last three are replayed.
+        std::fs::write(&path, "ts,value\nh0,9\nh1,5\nh1,5\nh2,10\nh3,0\n")?;
+        let replay = Replay {
+            secs_per_row: 2,
+            rows: 3,
+            peak: 100.0,
+            season_rows: Some(24),
+        };
+        let s = from_csv(&path, "load", &replay)?;
+        assert_eq!(s.rates, vec![50.0, 50.0, 100.0, 100.0, 0.0, 0.0]);
+        assert_eq!((s.period, s.bucket), (Some(48), 2));
+        let none = Replay {
+            season_rows: None,
+            ..replay.clone()
+        };
+        assert_eq!(from_csv(&path, "load", &none)?.period, None);
+
+        std::fs::write(&path, "ts,value\n")?;
+        let empty = from_csv(&path, "load", &replay).expect_err("no values");
+        assert!(format!("{empty:#}").contains("no values"), "{empty:#}");
+        let bad = from_csv(&dir.path().join("absent.csv"), "x", &replay).expect_err("no file");
+        assert!(format!("{bad:#}").contains("absent.csv"), "{bad:#}");
+        Ok(())
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The `cloud-hub` binary's certificate and replica commands, run as a user runs them.
+//! The `cloud-hub` binary's certificate, replica and simulator commands, run as a user runs them.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -96,4 +96,57 @@ fn a_replica_with_a_bad_model_or_certificate_says_so_and_exits() {
     ]);
     assert!(!missing_cert.status.success());
     assert!(String::from_utf8_lossy(&missing_cert.stderr).contains("nobody.pem"));
+}
+
+#[test]
+fn simulate_replays_a_users_csv_beside_the_synthetic_workloads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("press-line.csv");
+    // Three days of an hourly series: quiet nights, a busy shift.
+    let mut text = String::from("ts,value\n");
+    for h in 0..72 {
+        let v = if (6..22).contains(&(h % 24)) { 250 } else { 30 };
+        text.push_str(&format!("{h},{v}\n"));
+    }
+    std::fs::write(&csv, text).expect("csv written");
+    let out_dir = dir.path().join("plots");
+    let absent = dir.path().join("absent");
+    let args = [
+        "simulate",
+        "--policies",
+        "KPA,predictive",
+        "--seeds",
+        "1",
+        "--data",
+        absent.to_str().expect("utf-8"),
+        "--csv",
+        csv.to_str().expect("utf-8"),
+        "--out",
+        out_dir.to_str().expect("utf-8"),
+    ];
+    let out = hub(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The series is compared like the others, and gets its plot.
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| press-line | "))
+        .collect();
+    assert_eq!(rows.len(), 3, "two policy rows and a goal row:\n{stdout}");
+    assert!(out_dir.join("press-line.svg").exists());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("shared series skipped"),
+        "a missing data folder is said, not fatal"
+    );
+
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "ts,value\n0,12\n1,twelve\n").expect("csv written");
+    let out = hub(&["simulate", "--csv", bad.to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 3"), "{stderr}");
 }
