@@ -432,9 +432,12 @@ impl Policy for Predictive {
 /// State: utilisation bucket, backlog or not, replicas warming or not, demand trend
 /// (falling, flat, rising). Actions: remove one replica, hold, add one, or match the demand
 /// at 70 % utilisation (what a reactive autoscaler would do), so the learner chooses *when* to
-/// act rather than rediscovering how much. Q-values start pessimistic (−100), so an action
-/// never tried in a state does not look better than one that was. Seeded; `freeze` stops
-/// learning and exploration for evaluation.
+/// act rather than rediscovering how much. Q-values start at −100: below what a state that
+/// meets the SLO is worth, so there an action never tried does not look better than one that
+/// was. In a state of sustained overload the values fall lower (about −500 with the
+/// simulator's rewards at γ = 0.98), and there an untried action does look best. Starting
+/// lower (−700, −1,000, −3,000) was tried and helped on some workloads and hurt on others.
+/// Seeded; `freeze` stops learning and exploration for evaluation.
 #[derive(Debug, Clone)]
 pub struct QLearning {
     /// Learning rate α.
