@@ -112,9 +112,21 @@ enum Command {
     },
     /// Score forecasters on the shared series at the replicas' warm-up horizon.
     ForecastEval {
-        /// Folder with the shared `*_hourly.csv` series.
+        /// Folder with the shared `*_hourly.csv` series (skipped when absent).
         #[arg(long, default_value = "../shared/data/workloads")]
         data: PathBuf,
+        /// A `ts,value` CSV to score as well (repeatable); named by its file stem.
+        #[arg(long)]
+        csv: Vec<PathBuf>,
+        /// Season in rows.
+        #[arg(long, default_value_t = 24)]
+        season_rows: usize,
+        /// Horizon in rows (default: the replicas' warm-up at the replay's seconds per row).
+        #[arg(long)]
+        horizon: Option<usize>,
+        /// Where the plots go (one SVG per series: its last 14 seasons).
+        #[arg(long, default_value = "target/forecast-eval")]
+        out: PathBuf,
     },
 }
 
@@ -495,21 +507,53 @@ fn main() -> anyhow::Result<()> {
             }
             println!("Plots: {}/<workload>.svg", out.display());
         }
-        Command::ForecastEval { data } => {
+        Command::ForecastEval {
+            data,
+            csv,
+            season_rows,
+            horizon,
+            out,
+        } => {
+            anyhow::ensure!(season_rows >= 1, "--season-rows must be at least 1");
             let mut series = Vec::new();
-            for file in ["bikesharing_hourly.csv", "traffic_volume_hourly.csv"] {
-                let values = simulate::read_series(&data.join(file))?;
-                series.push((file.trim_end_matches("_hourly.csv").to_owned(), values));
+            for name in ["bikesharing", "traffic_volume"] {
+                match simulate::read_series(&data.join(format!("{name}_hourly.csv"))) {
+                    Ok(values) => series.push((name.to_owned(), values)),
+                    Err(e) => eprintln!("shared series skipped: {e:#}"),
+                }
             }
-            let horizon = SimConfig::default()
-                .warmup_secs
-                .div_ceil(simulate::SECS_PER_ROW);
+            for path in &csv {
+                let name = path
+                    .file_stem()
+                    .map_or_else(|| "csv".into(), |s| s.to_string_lossy().into_owned());
+                series.push((name, simulate::read_series(path)?));
+            }
+            anyhow::ensure!(!series.is_empty(), "no series to score");
+            let warmup = SimConfig::default().warmup_secs;
+            let horizon = horizon
+                .unwrap_or_else(|| warmup.div_ceil(simulate::SECS_PER_ROW))
+                .max(1);
             println!(
-                "Rolling-origin forecasts, horizon {horizon} rows (the {} s warm-up at {} s per hourly row), season 24; MASE against seasonal naive.\n",
-                SimConfig::default().warmup_secs,
+                "Rolling-origin forecasts, horizon {horizon} rows ({warmup} s of warm-up at {} s per row by default), season {season_rows}; MASE against seasonal naive.\n",
                 simulate::SECS_PER_ROW
             );
-            println!("{}", simulate::forecast_table(&series, 24, horizon));
+            println!(
+                "{}",
+                simulate::forecast_table(&series, season_rows, horizon)
+            );
+            std::fs::create_dir_all(&out)?;
+            for (name, values) in &series {
+                let path = out.join(format!("{name}.svg"));
+                simulate::plot_forecasts(
+                    name,
+                    values,
+                    season_rows,
+                    horizon,
+                    14 * season_rows,
+                    &path,
+                )?;
+            }
+            println!("Plots: {}/<series>.svg", out.display());
         }
     }
     Ok(())

@@ -428,6 +428,28 @@ pub fn q_holdout(scenarios: &[Scenario], seeds: u64, config: &SimConfig) -> Stri
     s
 }
 
+/// The forecasters `forecast-eval` compares, for a season of `period` steps at `horizon`.
+pub fn forecasters(period: usize, horizon: usize) -> Vec<Box<dyn Forecaster>> {
+    vec![
+        Box::new(Naive::default()),
+        Box::new(SeasonalNaive::new(period)),
+        Box::new(Ses::new(0.5)),
+        Box::new(Holt::new(0.5, 0.1)),
+        Box::new(HoltWinters::new(0.3, 0.01, 0.3, period)),
+        // Lags aligned with the target step: the same hour a day and a week before it.
+        Box::new(OnlineLinear::new(
+            &[
+                1,
+                2,
+                period + 1 - horizon.min(period),
+                7 * period + 1 - horizon.min(period),
+            ],
+            horizon,
+            0.01,
+        )),
+    ]
+}
+
 /// Forecast accuracy of every forecaster on `series` (period `period`) at `horizon`.
 pub fn forecast_table(series: &[(String, Vec<f64>)], period: usize, horizon: usize) -> String {
     let mut s = String::new();
@@ -437,26 +459,8 @@ pub fn forecast_table(series: &[(String, Vec<f64>)], period: usize, horizon: usi
     );
     let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- |");
     for (name, values) in series {
-        let mut candidates: Vec<Box<dyn Forecaster>> = vec![
-            Box::new(Naive::default()),
-            Box::new(SeasonalNaive::new(period)),
-            Box::new(Ses::new(0.5)),
-            Box::new(Holt::new(0.5, 0.1)),
-            Box::new(HoltWinters::new(0.3, 0.01, 0.3, period)),
-            // Lags aligned with the target step: the same hour a day and a week before it.
-            Box::new(OnlineLinear::new(
-                &[
-                    1,
-                    2,
-                    period + 1 - horizon.min(period),
-                    7 * period + 1 - horizon.min(period),
-                ],
-                horizon,
-                0.01,
-            )),
-        ];
         let mut best: Option<(String, f64)> = None;
-        for f in &mut candidates {
+        for mut f in forecasters(period, horizon) {
             let scores = forecast::evaluate(f.as_mut(), values, horizon, period, period * 7);
             let _ = writeln!(
                 s,
@@ -477,6 +481,67 @@ pub fn forecast_table(series: &[(String, Vec<f64>)], period: usize, horizon: usi
         }
     }
     s
+}
+
+/// Draws the last `shown` steps of `values` and what each forecaster said of them `horizon`
+/// steps before.
+pub fn plot_forecasts(
+    name: &str,
+    values: &[f64],
+    period: usize,
+    horizon: usize,
+    shown: usize,
+    path: &Path,
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let from = values.len().saturating_sub(shown);
+    let root = SVGBackend::new(path, (1200, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ymax = values[from..].iter().copied().fold(1.0, f64::max) * 1.3;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{name}: actual and forecast {horizon} steps ahead"),
+            ("sans-serif", 18),
+        )
+        .margin(8)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(from as f64..values.len() as f64, 0.0..ymax)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let actual = values.iter().enumerate().skip(from);
+    chart
+        .draw_series(LineSeries::new(actual.map(|(t, v)| (t as f64, *v)), BLACK))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label("actual")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLACK));
+    let colours = [RED, BLUE, GREEN, MAGENTA, CYAN, RGBColor(230, 140, 0)];
+    for (mut f, colour) in forecasters(period, horizon).into_iter().zip(colours) {
+        let mut points = Vec::new();
+        for (t, y) in values.iter().enumerate() {
+            f.observe(t as f64, *y);
+            if t + horizon >= from && t + horizon < values.len() {
+                points.push(((t + horizon) as f64, f.forecast(horizon)));
+            }
+        }
+        chart
+            .draw_series(LineSeries::new(points, colour))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(f.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], colour));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
 }
 
 /// Draws demand, capacity, replicas and latency over time for each policy on one scenario.

@@ -150,3 +150,41 @@ fn simulate_replays_a_users_csv_beside_the_synthetic_workloads() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("line 3"), "{stderr}");
 }
+
+#[test]
+fn forecast_eval_scores_and_plots_a_users_csv() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("kiln.csv");
+    // Ten days of an hourly series with a daily shape that grows a little each day.
+    let mut text = String::from("ts,value\n");
+    for h in 0..240 {
+        let day = h / 24;
+        let v = if (6..22).contains(&(h % 24)) { 200 } else { 40 } + 5 * day;
+        text.push_str(&format!("{h},{v}\n"));
+    }
+    std::fs::write(&csv, text).expect("csv written");
+    let out_dir = dir.path().join("plots");
+    let absent = dir.path().join("absent");
+    let out = hub(&[
+        "forecast-eval",
+        "--data",
+        absent.to_str().expect("utf-8"),
+        "--csv",
+        csv.to_str().expect("utf-8"),
+        "--out",
+        out_dir.to_str().expect("utf-8"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = stdout
+        .lines()
+        .filter(|l| l.starts_with("| kiln | "))
+        .count();
+    assert_eq!(rows, 7, "six forecasters and the best:\n{stdout}");
+    assert!(stdout.contains("| kiln | **best: "), "{stdout}");
+    assert!(out_dir.join("kiln.svg").exists());
+}
