@@ -171,11 +171,11 @@ impl PolicyKind {
 /// The forecaster the predictive policy uses on a scenario, to see `horizon` ticks ahead.
 ///
 /// A replayed series is forecast per recorded value (one hour of the source, [`SECS_PER_ROW`]
-/// ticks): the online linear regression on the last two hours and on the same hour a day
-/// before the target, one model per hour ahead. That is the forecaster with the lowest MASE
-/// on the shared series (`forecast-eval`), and bucket means take the arrival noise of the
-/// single ticks out. Elsewhere: Holt-Winters where the season is known, Holt (level and
-/// trend) otherwise.
+/// ticks), since bucket means take the arrival noise of the single ticks out: the online
+/// linear regression on the last two hours and on the same hour a day before the target, one
+/// model per hour ahead. It is `forecast-eval`'s regression without the lag of a week, which
+/// a 14-day replay cannot fill for its first week. Elsewhere: Holt-Winters where the season
+/// is known, Holt (level and trend) otherwise.
 pub fn forecaster_for(scenario: &Scenario, horizon: usize) -> Box<dyn Forecaster + Send> {
     match scenario.period {
         Some(m) if scenario.bucket > 1 && m % scenario.bucket == 0 => {
@@ -436,7 +436,13 @@ pub fn forecasters(period: usize, horizon: usize) -> Vec<Box<dyn Forecaster>> {
         Box::new(Ses::new(0.5)),
         Box::new(Holt::new(0.5, 0.1)),
         Box::new(HoltWinters::new(0.3, 0.01, 0.3, period)),
-        // Lags aligned with the target step: the same hour a day and a week before it.
+        // Lags aligned with the target step: the same hour a day before it (what the
+        // predictive policy uses on a replay), and also a week before it.
+        Box::new(OnlineLinear::new(
+            &[1, 2, period + 1 - horizon.min(period)],
+            horizon,
+            0.01,
+        )),
         Box::new(OnlineLinear::new(
             &[
                 1,

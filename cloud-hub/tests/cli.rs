@@ -184,7 +184,7 @@ fn forecast_eval_scores_and_plots_a_users_csv() {
         .lines()
         .filter(|l| l.starts_with("| kiln | "))
         .count();
-    assert_eq!(rows, 7, "six forecasters and the best:\n{stdout}");
+    assert_eq!(rows, 8, "seven forecasters and the best:\n{stdout}");
     assert!(stdout.contains("| kiln | **best: "), "{stdout}");
     assert!(out_dir.join("kiln.svg").exists());
 }
