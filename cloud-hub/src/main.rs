@@ -469,10 +469,11 @@ fn main() -> anyhow::Result<()> {
                 season_rows: (season_rows > 0).then_some(season_rows),
             };
             for path in &csv {
-                let name = path
-                    .file_stem()
-                    .map_or_else(|| "csv".into(), |s| s.to_string_lossy().into_owned());
-                scenarios.push(simulate::from_csv(path, &name, &replay)?);
+                scenarios.push(simulate::from_csv(
+                    path,
+                    &simulate::series_name(path),
+                    &replay,
+                )?);
             }
             let start = Instant::now();
             let synthetic = simulate::run_matrix(&scenarios[..6], &kinds, seeds, &config);
@@ -523,10 +524,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             for path in &csv {
-                let name = path
-                    .file_stem()
-                    .map_or_else(|| "csv".into(), |s| s.to_string_lossy().into_owned());
-                series.push((name, simulate::read_series(path)?));
+                series.push((simulate::series_name(path), simulate::read_series(path)?));
             }
             anyhow::ensure!(!series.is_empty(), "no series to score");
             let warmup = SimConfig::default().warmup_secs;

@@ -118,6 +118,12 @@ pub fn shared(dir: &Path) -> anyhow::Result<Vec<Scenario>> {
         .collect()
 }
 
+/// The name a series read from `path` goes by in tables and plot files: its file stem.
+pub fn series_name(path: &Path) -> String {
+    path.file_stem()
+        .map_or_else(|| "csv".into(), |s| s.to_string_lossy().into_owned())
+}
+
 /// Reads a `ts,value` series.
 pub fn read_series(path: &Path) -> anyhow::Result<Vec<f64>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {path:?}"))?;
