@@ -531,7 +531,15 @@ pub fn plot_forecasts(
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .label("actual")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLACK));
-    let colours = [RED, BLUE, GREEN, MAGENTA, CYAN, RGBColor(230, 140, 0)];
+    let colours = [
+        RED,
+        BLUE,
+        GREEN,
+        MAGENTA,
+        CYAN,
+        RGBColor(230, 140, 0),
+        RGBColor(120, 60, 0),
+    ];
     for (mut f, colour) in forecasters(period, horizon).into_iter().zip(colours) {
         let mut points = Vec::new();
         for (t, y) in values.iter().enumerate() {

@@ -186,5 +186,12 @@ fn forecast_eval_scores_and_plots_a_users_csv() {
         .count();
     assert_eq!(rows, 8, "seven forecasters and the best:\n{stdout}");
     assert!(stdout.contains("| kiln | **best: "), "{stdout}");
-    assert!(out_dir.join("kiln.svg").exists());
+    // Every forecaster of the table is drawn.
+    let svg = std::fs::read_to_string(out_dir.join("kiln.svg")).expect("plot written");
+    for line in stdout.lines().filter(|l| l.starts_with("| kiln | ")) {
+        let forecaster = line.split(" | ").nth(1).expect("a forecaster column");
+        if !forecaster.starts_with("**") {
+            assert!(svg.contains(forecaster), "{forecaster} is not drawn");
+        }
+    }
 }
