@@ -495,6 +495,43 @@ pub fn forecast_table(series: &[(String, Vec<f64>)], period: usize, horizon: usi
     s
 }
 
+/// A chart of the plots here: an SVG with seconds or steps against a value.
+type Chart<'a, 'b> = plotters::chart::ChartContext<
+    'a,
+    plotters::backend::SVGBackend<'b>,
+    plotters::coord::cartesian::Cartesian2d<
+        plotters::coord::types::RangedCoordf64,
+        plotters::coord::types::RangedCoordf64,
+    >,
+>;
+
+/// Draws one labelled line on `chart`.
+fn labelled_line(
+    chart: &mut Chart<'_, '_>,
+    points: impl IntoIterator<Item = (f64, f64)>,
+    colour: plotters::style::RGBColor,
+    label: &str,
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    chart
+        .draw_series(LineSeries::new(points, colour))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], colour));
+    Ok(())
+}
+
+/// Draws the legend of `chart`'s labelled lines.
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// Draws the last `shown` steps of `values` and what each forecaster said of them `horizon`
 /// steps before.
 pub fn plot_forecasts(
@@ -526,11 +563,12 @@ pub fn plot_forecasts(
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let actual = values.iter().enumerate().skip(from);
-    chart
-        .draw_series(LineSeries::new(actual.map(|(t, v)| (t as f64, *v)), BLACK))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .label("actual")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLACK));
+    labelled_line(
+        &mut chart,
+        actual.map(|(t, v)| (t as f64, *v)),
+        BLACK,
+        "actual",
+    )?;
     let colours = [
         RED,
         BLUE,
@@ -548,18 +586,9 @@ pub fn plot_forecasts(
                 points.push(((t + horizon) as f64, f.forecast(horizon)));
             }
         }
-        chart
-            .draw_series(LineSeries::new(points, colour))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(f.name())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], colour));
+        labelled_line(&mut chart, points, colour, &f.name())?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    legend(&mut chart)?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
@@ -601,36 +630,24 @@ pub fn plot(scenario: &Scenario, cells: &[Cell], path: &Path) -> anyhow::Result<
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         if caption.starts_with("demand") {
-            chart
-                .draw_series(LineSeries::new(
-                    scenario
-                        .rates
-                        .iter()
-                        .enumerate()
-                        .map(|(t, r)| (t as f64, *r)),
-                    BLACK,
-                ))
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .label("demand (mean rate)")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLACK));
+            labelled_line(
+                &mut chart,
+                scenario
+                    .rates
+                    .iter()
+                    .enumerate()
+                    .map(|(t, r)| (t as f64, *r)),
+                BLACK,
+                "demand (mean rate)",
+            )?;
         }
         for (cell, colour) in cells.iter().zip(colours) {
             let Some(first) = cell.outcomes.first() else {
                 continue;
             };
-            chart
-                .draw_series(LineSeries::new(series(first), colour))
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .label(cell.policy.label())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], colour));
+            labelled_line(&mut chart, series(first), colour, cell.policy.label())?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(())
+        legend(&mut chart)
     };
     draw(
         &panels[0],

@@ -98,17 +98,28 @@ fn a_replica_with_a_bad_model_or_certificate_says_so_and_exits() {
     assert!(String::from_utf8_lossy(&missing_cert.stderr).contains("nobody.pem"));
 }
 
+/// Writes `hours` rows of a `ts,value` series: for each day, `levels(day)` gives the value of
+/// the night and of the shift from 06:00 to 22:00.
+fn write_hourly(path: &std::path::Path, hours: usize, levels: impl Fn(usize) -> (usize, usize)) {
+    let mut text = String::from("ts,value\n");
+    for h in 0..hours {
+        let (night, shift) = levels(h / 24);
+        let v = if (6..22).contains(&(h % 24)) {
+            shift
+        } else {
+            night
+        };
+        text.push_str(&format!("{h},{v}\n"));
+    }
+    std::fs::write(path, text).expect("csv written");
+}
+
 #[test]
 fn simulate_replays_a_users_csv_beside_the_synthetic_workloads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let csv = dir.path().join("press-line.csv");
     // Three days of an hourly series: quiet nights, a busy shift.
-    let mut text = String::from("ts,value\n");
-    for h in 0..72 {
-        let v = if (6..22).contains(&(h % 24)) { 250 } else { 30 };
-        text.push_str(&format!("{h},{v}\n"));
-    }
-    std::fs::write(&csv, text).expect("csv written");
+    write_hourly(&csv, 72, |_| (30, 250));
     let out_dir = dir.path().join("plots");
     let absent = dir.path().join("absent");
     let args = [
@@ -156,13 +167,7 @@ fn forecast_eval_scores_and_plots_a_users_csv() {
     let dir = tempfile::tempdir().expect("tempdir");
     let csv = dir.path().join("kiln.csv");
     // Ten days of an hourly series with a daily shape that grows a little each day.
-    let mut text = String::from("ts,value\n");
-    for h in 0..240 {
-        let day = h / 24;
-        let v = if (6..22).contains(&(h % 24)) { 200 } else { 40 } + 5 * day;
-        text.push_str(&format!("{h},{v}\n"));
-    }
-    std::fs::write(&csv, text).expect("csv written");
+    write_hourly(&csv, 240, |day| (40 + 5 * day, 200 + 5 * day));
     let out_dir = dir.path().join("plots");
     let absent = dir.path().join("absent");
     let out = hub(&[
