@@ -300,19 +300,17 @@ impl Updater {
                 Message::Error(e) => bail!("the hub cannot send the model: {}", e.message),
                 other => bail!("the hub answered {} to a model fetch", other.kind()),
             };
-            let mut got = 0u64;
-            let mut pending = buf;
-            loop {
-                let take = pending.len().min((len - got) as usize);
-                file.write_all(&pending[..take])?;
+            // What came with the header, then the stream's own buffers, uncopied.
+            let take = buf.len().min(len as usize);
+            file.write_all(&buf[..take])?;
+            let mut got = take as u64;
+            while got < len {
+                let Some(chunk) = recv.read_chunk(usize::MAX, true).await? else {
+                    bail!("the download stopped at {} of {size} bytes", offset + got);
+                };
+                let take = chunk.bytes.len().min((len - got) as usize);
+                file.write_all(&chunk.bytes[..take])?;
                 got += take as u64;
-                if got == len {
-                    break;
-                }
-                match recv.read(&mut chunk).await? {
-                    Some(n) => pending = chunk[..n].to_vec(),
-                    None => bail!("the download stopped at {} of {size} bytes", offset + got),
-                }
             }
             file.sync_all()?;
         }

@@ -509,10 +509,10 @@ async fn install(
     let mut got = buf.len() as u64;
     digest.update(&buf);
     while got < data.len {
-        match recv.read(&mut chunk).await? {
-            Some(n) => {
-                digest.update(&chunk[..n]);
-                got += n as u64;
+        match recv.read_chunk(usize::MAX, true).await? {
+            Some(chunk) => {
+                digest.update(&chunk.bytes);
+                got += chunk.bytes.len() as u64;
             }
             None => break,
         }
