@@ -10,6 +10,12 @@
 //!
 //! Run: `cargo build --release --workspace --bins && target/release/bench-edge`.
 //! Needs mosquitto; the Python columns need `pip install -r bench/requirements.txt`.
+//!
+//! `--pin` gives the inference threads (the raw loop's, and the agent's `infer-N`) the first
+//! `--workers` cores to themselves and puts everything else (mosquitto, the load generator,
+//! the collector and the agent's other threads) on the remaining cores, so that the ratio
+//! shows whether the agent keeps its inference threads as busy as the raw loop does when
+//! its I/O has CPU of its own. The Python agent is left out of such a run.
 
 #![allow(clippy::disallowed_methods)] // a benchmark reads the clock
 
@@ -51,9 +57,17 @@ fn main() -> anyhow::Result<()> {
     // `--cbor`: publish the plain form as CBOR instead of JSON (the Python agent reads JSON
     // only, so its columns are skipped).
     let cbor = args.iter().any(|a| a == "--cbor");
+    let pinning = if args.iter().any(|a| a == "--pin") {
+        let pinning = Pinning::new(workers)?;
+        // Threads and child processes inherit the main thread's cores.
+        taskset(&pinning.rest, std::process::id())?;
+        Some(pinning)
+    } else {
+        None
+    };
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mosquitto = mosquitto_path().context("mosquitto is needed (apt-get install mosquitto)")?;
-    let python = python_ready(&repo) && !cbor;
+    let python = python_ready(&repo) && !cbor && pinning.is_none();
     if !python {
         eprintln!("python3 with paho-mqtt and onnxruntime not found: Python columns skipped");
     }
@@ -65,16 +79,17 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for (model, windows) in [
         (zoo::VIBRATION_AE, arg("--windows-ae", 20_000)),
-        (zoo::BEARING_CNN, arg("--windows-cnn", 6_000)),
+        (zoo::BEARING_CNN, arg("--windows-cnn", 30_000)),
     ] {
         eprintln!("{}: raw tract loop", model.name);
-        let raw = raw_tract(model, workers, windows)?;
+        let raw = raw_tract(model, workers, windows, pinning.as_ref())?;
         eprintln!("{}: edge-agent end to end", model.name);
         let agent = runtime.block_on(end_to_end(
             &mosquitto,
             Target::Agent { model, workers },
             windows,
             cbor,
+            pinning.as_ref(),
         ))?;
         let python_row = if python {
             eprintln!("{}: python agent end to end", model.name);
@@ -87,6 +102,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 windows,
                 false,
+                None,
             ))?)
         } else {
             None
@@ -100,8 +116,15 @@ fn main() -> anyhow::Result<()> {
     }
 
     let format = if cbor { "plain CBOR" } else { "plain JSON" };
+    let placement = match &pinning {
+        Some(p) => format!(
+            ", inference threads on cores {} alone, everything else on cores {}",
+            p.inference, p.rest
+        ),
+        None => String::new(),
+    };
     println!(
-        "\n### Throughput with {workers} worker threads, {format} payloads (median of 3 runs each)\n"
+        "\n### Throughput with {workers} worker threads{placement}, {format} payloads (median of 3 runs each)\n"
     );
     println!(
         "| model | raw tract loop, windows/s | edge-agent end to end, windows/s | agent ÷ raw | CPU per window: raw / agent (µs) | raw ÷ agent CPU | Python agent, windows/s | agent ÷ Python | agent RSS | Python RSS |"
@@ -159,8 +182,71 @@ fn runner(model: zoo::ZooModel) -> anyhow::Result<models::Runner> {
     Ok(LoadedModel::from_bytes(model.onnx)?.optimize(Some(model.input_shape))?)
 }
 
+/// Which cores `--pin` gives the inference threads, and which everything else (`taskset`
+/// lists).
+struct Pinning {
+    inference: String,
+    rest: String,
+}
+
+impl Pinning {
+    /// The first `workers` cores for inference, the others for the rest; there must be some.
+    fn new(workers: usize) -> anyhow::Result<Pinning> {
+        let cores = std::thread::available_parallelism()?.get();
+        anyhow::ensure!(
+            workers >= 1 && workers < cores,
+            "--pin needs fewer worker threads ({workers}) than cores ({cores})"
+        );
+        Ok(Pinning {
+            inference: format!("0-{}", workers - 1),
+            rest: format!("{workers}-{}", cores - 1),
+        })
+    }
+
+    /// Moves the agent's `infer-N` threads to the inference cores; returns how many.
+    fn pin_agent(&self, pid: u32) -> anyhow::Result<usize> {
+        let mut moved = 0;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let task = task?;
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("infer-") {
+                let tid = task.file_name().to_string_lossy().parse()?;
+                taskset(&self.inference, tid)?;
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+}
+
+/// `taskset -p -c CORES TID`: one thread (a process's main thread, by its pid) to `cores`.
+fn taskset(cores: &str, tid: u32) -> anyhow::Result<()> {
+    let status = Command::new("taskset")
+        .args(["-p", "-c", cores, &tid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("taskset (util-linux) is needed for --pin")?;
+    anyhow::ensure!(status.success(), "taskset -p -c {cores} {tid} failed");
+    Ok(())
+}
+
+/// The calling thread's id.
+fn current_tid() -> anyhow::Result<u32> {
+    let link = std::fs::read_link("/proc/thread-self")?;
+    Ok(link
+        .file_name()
+        .context("/proc/thread-self names no thread")?
+        .to_string_lossy()
+        .parse()?)
+}
+
 /// Windows per second of `workers` threads doing nothing but inference (median of 3).
-fn raw_tract(model: zoo::ZooModel, workers: usize, windows: usize) -> anyhow::Result<Run> {
+fn raw_tract(
+    model: zoo::ZooModel,
+    workers: usize,
+    windows: usize,
+    pinning: Option<&Pinning>,
+) -> anyhow::Result<Run> {
     let runner = runner(model)?;
     let reference = std::sync::Arc::new(reference(model.name)?);
     let mut rates = Vec::new();
@@ -172,16 +258,21 @@ fn raw_tract(model: zoo::ZooModel, workers: usize, windows: usize) -> anyhow::Re
             .map(|w| {
                 let runner = runner.clone();
                 let reference = reference.clone();
-                std::thread::spawn(move || {
+                let cores = pinning.map(|p| p.inference.clone());
+                std::thread::spawn(move || -> anyhow::Result<()> {
+                    if let Some(cores) = cores {
+                        taskset(&cores, current_tid()?)?;
+                    }
                     for i in (w..windows).step_by(workers) {
                         let window = &reference.windows[i % reference.windows.len()];
                         std::hint::black_box(runner.run(window).map(|o| o.len()).unwrap_or(0));
                     }
+                    Ok(())
                 })
             })
             .collect();
         for t in threads {
-            t.join().map_err(|_| anyhow::anyhow!("worker panicked"))?;
+            t.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
         }
         rates.push(windows as f64 / start.elapsed().as_secs_f64());
         cpu.push((cpu_secs(std::process::id()) - cpu_start) * 1e6 / windows as f64);
@@ -224,6 +315,7 @@ async fn end_to_end(
     target: Target<'_>,
     windows: usize,
     cbor: bool,
+    pinning: Option<&Pinning>,
 ) -> anyhow::Result<Run> {
     let mut rates = Vec::new();
     let mut rss = Vec::new();
@@ -277,6 +369,13 @@ async fn end_to_end(
             .await
         {
             bail!("the agent under test did not come online");
+        }
+        if let Some(pinning) = pinning {
+            let pid = process.pid().context("the agent under test exited")?;
+            anyhow::ensure!(
+                pinning.pin_agent(pid)? > 0,
+                "the agent under test has no infer-N threads to pin"
+            );
         }
         let publisher = Publisher::connect(broker.port()).await?;
         let reference = reference(model.name)?;
