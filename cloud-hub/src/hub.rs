@@ -128,6 +128,8 @@ pub struct Hub {
     pub downloading: Mutex<HashMap<String, usize>>,
     /// Turns for model downloads.
     pub download_slots: Arc<tokio::sync::Semaphore>,
+    /// The model files downloads read.
+    pub blobs: crate::store::BlobCache,
     /// Set when something a rollout waits for changed (an agent reports other model versions,
     /// a rollout starts or is resumed): the rollouts step at the sweeper's next tick instead of
     /// the next second.
@@ -491,6 +493,7 @@ pub async fn run(
         mailboxes: Mutex::default(),
         downloading: Mutex::default(),
         download_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_downloads.max(1))),
+        blobs: crate::store::BlobCache::default(),
         rollouts_due: AtomicBool::new(false),
         versions: tokio::sync::watch::Sender::new(Versions::default()),
         next_session: AtomicU64::new(0),

@@ -364,7 +364,6 @@ async fn serve_fetch(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let mut reader = FrameReader::new(recv);
     let ask = match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
         Ok(Ok(Some(Message::FetchModel(ask)))) => ask,
@@ -386,19 +385,18 @@ async fn serve_fetch(
             .sha256
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    let path = crate::store::blob_path(&hub.dir, &ask.sha256);
-    let file = if is_digest {
-        tokio::fs::File::open(&path).await.ok()
+    let blob = if is_digest {
+        hub.blobs.get(&hub.dir, &ask.sha256).await?
     } else {
         None
     };
-    let Some(mut file) = file else {
+    let Some(blob) = blob else {
         send.write_all(&refuse(format!("no model with digest {:?}", ask.sha256)))
             .await?;
         let _ = send.finish();
         anyhow::bail!("unknown model digest {:?}", ask.sha256);
     };
-    let size = file.metadata().await?.len();
+    let size = blob.len() as u64;
     if ask.offset > size {
         send.write_all(&refuse(format!(
             "offset {} beyond {size} bytes",
@@ -417,21 +415,16 @@ async fn serve_fetch(
         len: size - ask.offset,
     })))
     .await?;
-    file.seek(std::io::SeekFrom::Start(ask.offset)).await?;
     let rate = hub.settings.download_rate;
-    let mut chunk = vec![0u8; 64 << 10];
     let started = tokio::time::Instant::now();
     let mut sent = 0u64;
-    loop {
-        let n = file.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        send.write_all(&chunk[..n]).await?;
-        sent += n as u64;
-        hub.counters
-            .download_bytes
-            .fetch_add(n as u64, Ordering::Relaxed);
+    // Slices of the one buffer: quinn keeps them as they are until they are acknowledged.
+    for start in (ask.offset as usize..blob.len()).step_by(DOWNLOAD_CHUNK) {
+        let chunk = blob.slice(start..(start + DOWNLOAD_CHUNK).min(blob.len()));
+        let n = chunk.len() as u64;
+        send.write_chunk(chunk).await?;
+        sent += n;
+        hub.counters.download_bytes.fetch_add(n, Ordering::Relaxed);
         if rate > 0 {
             tokio::time::sleep_until(started + Duration::from_secs_f64(sent as f64 / rate as f64))
                 .await;
@@ -440,6 +433,9 @@ async fn serve_fetch(
     send.finish()?;
     Ok(())
 }
+
+/// Bytes of a download handed to the stream at a time (and counted, and paced).
+const DOWNLOAD_CHUNK: usize = 64 << 10;
 
 /// Marks an agent as downloading for as long as it lives.
 struct Downloading<'a> {

@@ -6,8 +6,16 @@
 //! `models/<sha256>.onnx` in the hub's state folder, the manifest (input shape and output
 //! names as tract saw them, the minimum agent version, the time) is signed with the hub's
 //! Ed25519 key and recorded in the registry, where versions of a name only rise.
+//!
+//! Downloads read the bytes through a [`BlobCache`]: a rollout sends one file to every agent,
+//! so the few most recently served files stay in memory, and each download hands quinn
+//! slices of that one buffer instead of reading and copying the file chunk by chunk.
 
+use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::Mutex;
+
+use bytes::Bytes;
 
 use anyhow::Context;
 use protocol::manifest::{Manifest, SignedManifest, sha256_hex};
@@ -76,6 +84,41 @@ pub fn blob_path(hub: &HubDir, sha256: &str) -> std::path::PathBuf {
     hub.models_dir().join(format!("{sha256}.onnx"))
 }
 
+/// Files [`BlobCache`] keeps in memory.
+const CACHED_BLOBS: usize = 2;
+
+/// The most recently served model files, in memory (at most [`CACHED_BLOBS`]).
+#[derive(Debug, Default)]
+pub struct BlobCache {
+    recent: Mutex<VecDeque<(String, Bytes)>>,
+}
+
+impl BlobCache {
+    /// The bytes with digest `sha256` (which the caller has checked is one), from memory or
+    /// else read from the store; `None` when the store has no such file.
+    ///
+    /// Cancel-safe: a read that is dropped leaves the cache as it was.
+    pub async fn get(&self, hub: &HubDir, sha256: &str) -> std::io::Result<Option<Bytes>> {
+        if let Some((_, bytes)) = self.lock().iter().find(|(d, _)| d == sha256) {
+            return Ok(Some(bytes.clone()));
+        }
+        let bytes = match tokio::fs::read(blob_path(hub, sha256)).await {
+            Ok(read) => Bytes::from(read),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut recent = self.lock();
+        recent.retain(|(d, _)| d != sha256);
+        recent.push_front((sha256.to_owned(), bytes.clone()));
+        recent.truncate(CACHED_BLOBS);
+        Ok(Some(bytes))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(String, Bytes)>> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 fn store_blob(dir: &Path, sha256: &str, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("{sha256}.onnx"));
@@ -138,5 +181,33 @@ mod tests {
             ..publication
         };
         assert!(publish(&hub, &registry, &junk).is_err());
+    }
+
+    #[tokio::test]
+    async fn downloads_read_a_file_once_and_keep_only_the_latest_few() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub = HubDir::new(dir.path());
+        std::fs::create_dir_all(hub.models_dir()).expect("models dir");
+        let digests: Vec<String> = (0..=CACHED_BLOBS)
+            .map(|i| {
+                let bytes = vec![i as u8; 1000 + i];
+                let digest = sha256_hex(&bytes);
+                std::fs::write(blob_path(&hub, &digest), &bytes).expect("blob written");
+                digest
+            })
+            .collect();
+        let cache = BlobCache::default();
+        let first = cache.get(&hub, &digests[0]).await.expect("read");
+        assert_eq!(first.as_deref(), Some(&[0u8; 1000][..]));
+        // Served from memory: the file is not read again.
+        std::fs::remove_file(blob_path(&hub, &digests[0])).expect("removed");
+        assert_eq!(cache.get(&hub, &digests[0]).await.expect("read"), first);
+        // Newer files push it out; then the store's answer counts again.
+        for d in &digests[1..] {
+            assert!(cache.get(&hub, d).await.expect("read").is_some());
+        }
+        assert_eq!(cache.get(&hub, &digests[0]).await.expect("read"), None);
+        let unknown = sha256_hex(b"never published");
+        assert_eq!(cache.get(&hub, &unknown).await.expect("read"), None);
     }
 }
