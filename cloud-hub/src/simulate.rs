@@ -237,10 +237,10 @@ pub const Q_RESTARTS: u64 = 5;
 /// the one whose frozen policy earns the most replaying `rates` (two runs).
 ///
 /// A learner trained ε-greedily is used greedily, and from some seeds the greedy policy of an
-/// otherwise good table holds far too many replicas or far too few for hours: on the last
-/// 30 % of a series, single seeds lost two to three times the reward of the others. Scoring
-/// each learner as it will be used, on the data it was trained on, finds those before they
-/// are used; the series to come is never read.
+/// otherwise good table holds far too many replicas or far too few for long stretches: on
+/// the last 30 % of a series, single seeds lost two to three times the reward of the others.
+/// Scoring each learner as it will be used, on the data it was trained on, finds those before
+/// they are used; the series to come is never read.
 pub fn train_q(rates: &[f64], config: &SimConfig, seed: u64) -> QLearning {
     let scored = |restart: u64| {
         let learner = train_one_q(rates, config, restart_seed(seed, restart));
