@@ -91,6 +91,9 @@ const CACHED_BLOBS: usize = 2;
 #[derive(Debug, Default)]
 pub struct BlobCache {
     recent: Mutex<VecDeque<(String, Bytes)>>,
+    /// Held while a file is read: downloads that miss at once wait for one read instead of
+    /// each holding a copy of the file.
+    loading: tokio::sync::Mutex<()>,
 }
 
 impl BlobCache {
@@ -99,8 +102,12 @@ impl BlobCache {
     ///
     /// Cancel-safe: a read that is dropped leaves the cache as it was.
     pub async fn get(&self, hub: &HubDir, sha256: &str) -> std::io::Result<Option<Bytes>> {
-        if let Some((_, bytes)) = self.lock().iter().find(|(d, _)| d == sha256) {
-            return Ok(Some(bytes.clone()));
+        if let Some(bytes) = self.cached(sha256) {
+            return Ok(Some(bytes));
+        }
+        let _loading = self.loading.lock().await;
+        if let Some(bytes) = self.cached(sha256) {
+            return Ok(Some(bytes));
         }
         let bytes = match tokio::fs::read(blob_path(hub, sha256)).await {
             Ok(read) => Bytes::from(read),
@@ -112,6 +119,14 @@ impl BlobCache {
         recent.push_front((sha256.to_owned(), bytes.clone()));
         recent.truncate(CACHED_BLOBS);
         Ok(Some(bytes))
+    }
+
+    fn cached(&self, sha256: &str) -> Option<Bytes> {
+        let recent = self.lock();
+        recent
+            .iter()
+            .find(|(d, _)| d == sha256)
+            .map(|(_, b)| b.clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(String, Bytes)>> {
