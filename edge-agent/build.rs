@@ -1,4 +1,5 @@
-//! Records the target triple and the git revision for `edge-agent --version`.
+//! Records the target triple, the git revision and the model formats the build reads, for
+//! `edge-agent --version`.
 
 fn main() {
     let target = std::env::var("TARGET").unwrap_or_else(|_| "unknown".into());
@@ -13,6 +14,12 @@ fn main() {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=SPILLWAY_REVISION={revision}");
+    let formats = if std::env::var_os("CARGO_FEATURE_ONNX").is_some() {
+        "ONNX and NNEF"
+    } else {
+        "NNEF"
+    };
+    println!("cargo:rustc-env=SPILLWAY_FORMATS={formats}");
     println!("cargo:rerun-if-changed=../.git/HEAD");
     println!("cargo:rerun-if-changed=../.git/refs/heads");
 }

@@ -183,6 +183,18 @@ enum ModelCommand {
         #[arg(long, default_value = "spillway-hub")]
         dir: PathBuf,
     },
+    /// Convert an ONNX file to NNEF, checked as publication checks it (gateway agents built
+    /// without ONNX read NNEF; `publish` does this itself).
+    Convert {
+        /// The ONNX file.
+        file: PathBuf,
+        /// Input shape where the model leaves dimensions open, e.g. 1,1,1024.
+        #[arg(long, value_delimiter = ',')]
+        input_shape: Option<Vec<usize>>,
+        /// Where to write the NNEF archive (an uncompressed tar).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Every published version.
     Ls {
         /// The state folder.
@@ -657,13 +669,39 @@ fn model(command: ModelCommand) -> anyhow::Result<()> {
             )?;
             let m = &signed.manifest;
             println!(
-                "published {} v{}: {} bytes, sha256 {}, input {:?}, outputs {}",
+                "published {} v{}: {} bytes, sha256 {}, input {:?}, outputs {}; {}",
                 m.name,
                 m.version,
                 m.size,
                 m.sha256,
                 m.input_shape,
-                m.outputs.join(", ")
+                m.outputs.join(", "),
+                m.nnef.as_ref().map_or_else(
+                    || "no NNEF conversion (see the warning)".to_owned(),
+                    |n| format!("NNEF {} bytes, sha256 {}", n.size, n.sha256)
+                )
+            );
+        }
+        ModelCommand::Convert {
+            file,
+            input_shape,
+            output,
+        } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let runner = models::LoadedModel::from_bytes(&bytes)
+                .and_then(|m| m.optimize(input_shape.as_deref()))
+                .with_context(|| format!("{} does not load", file.display()))?;
+            let nnef = cloud_hub::store::to_checked_nnef(&bytes, &runner)
+                .with_context(|| format!("converting {}", file.display()))?;
+            std::fs::write(&output, &nnef)
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!(
+                "{}: NNEF, {} bytes, input {:?}, outputs {}",
+                output.display(),
+                nnef.len(),
+                runner.input_shape(),
+                runner.output_names().join(", ")
             );
         }
         ModelCommand::Ls { dir } => {

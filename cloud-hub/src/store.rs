@@ -2,10 +2,14 @@
 //!
 //! [`publish`] runs the ONNX file through the same tract runner the agents use (load,
 //! optimise with the given or declared input shape, one run on a zero input) before anything
-//! is stored, so a model that cannot serve never reaches a rollout. The bytes are kept as
-//! `models/<sha256>.onnx` in the hub's state folder, the manifest (input shape and output
-//! names as tract saw them, the minimum agent version, the time) is signed with the hub's
-//! Ed25519 key and recorded in the registry, where versions of a name only rise.
+//! is stored, so a model that cannot serve never reaches a rollout. It then converts the model
+//! to NNEF once, for gateway agents built to read only NNEF ([`to_checked_nnef`]): the NNEF
+//! file must load and give the ONNX model's outputs on probe inputs, or the version goes out
+//! without it (and NNEF-only agents refuse it, saying why). The bytes are kept as
+//! `models/<sha256>.onnx` and `models/<sha256>.nnef.tar` in the hub's state folder, the
+//! manifest (both digests, input shape and output names as tract saw them, the minimum agent
+//! version, the time) is signed with the hub's Ed25519 key and recorded in the registry, where
+//! versions of a name only rise.
 //!
 //! Downloads read the bytes through a [`BlobCache`]: a rollout sends one file to every agent,
 //! so the few most recently served files stay in memory, and each download hands quinn
@@ -18,7 +22,8 @@ use std::sync::Mutex;
 use bytes::Bytes;
 
 use anyhow::Context;
-use protocol::manifest::{Manifest, SignedManifest, sha256_hex};
+use models::{LoadedModel, ModelFormat, Runner};
+use protocol::manifest::{Artifact, Manifest, SignedManifest, sha256_hex};
 
 use crate::registry::Registry;
 use crate::state::HubDir;
@@ -46,12 +51,27 @@ pub fn publish(
     registry: &Registry,
     p: &Publication<'_>,
 ) -> anyhow::Result<SignedManifest> {
-    let runner = models::LoadedModel::from_bytes(p.bytes)
+    anyhow::ensure!(
+        ModelFormat::detect(p.bytes) == ModelFormat::Onnx,
+        "{}: publish the ONNX file; the hub converts it to NNEF itself",
+        p.name
+    );
+    let runner = LoadedModel::from_bytes(p.bytes)
         .and_then(|m| m.optimize(p.input_shape))
         .with_context(|| format!("{} does not load", p.name))?;
     runner
         .run(&vec![0.0; runner.input_len()])
         .with_context(|| format!("{} fails on a zero input", p.name))?;
+    let nnef = match to_checked_nnef(p.bytes, &runner) {
+        Ok(nnef) => Some(nnef),
+        Err(e) => {
+            tracing::warn!(
+                model = p.name,
+                "no NNEF file, NNEF-only agents will refuse it: {e:#}"
+            );
+            None
+        }
+    };
     let version = match p.version {
         Some(v) => v,
         None => registry
@@ -68,20 +88,80 @@ pub fn publish(
         outputs: runner.output_names().to_vec(),
         min_agent_version: p.min_agent_version.to_owned(),
         created_at: p.now,
+        nnef: nnef.as_ref().map(|bytes| Artifact {
+            sha256: sha256_hex(bytes),
+            size: bytes.len() as u64,
+        }),
     };
     let key = hub.load_signing_key()?;
     let signed = SignedManifest {
         signature: key.sign(&manifest.signing_bytes()).as_ref().to_vec(),
         manifest,
     };
-    store_blob(&hub.models_dir(), &signed.manifest.sha256, p.bytes)?;
+    store_blob(&hub.models_dir(), &signed.manifest.onnx(), p.bytes)?;
+    if let (Some(artifact), Some(bytes)) = (&signed.manifest.nnef, &nnef) {
+        store_blob(&hub.models_dir(), artifact, bytes)?;
+    }
     registry.add_model(&signed)?;
     Ok(signed)
 }
 
-/// The file holding the bytes with digest `sha256`.
+/// Largest difference allowed between an output of the ONNX model and the same output of its
+/// NNEF conversion, relative to the output's size where that is above 1.
+const NNEF_TOLERANCE: f32 = 1e-4;
+
+/// Converts ONNX `bytes`, which `onnx` runs, to NNEF with the same input shape, and checks the
+/// result: it loads, optimises, names the same outputs, and gives the same values within
+/// [`NNEF_TOLERANCE`] on a zero input and on a fixed pseudo-random one.
+pub fn to_checked_nnef(bytes: &[u8], onnx: &Runner) -> anyhow::Result<Vec<u8>> {
+    let shape = onnx.input_shape();
+    let nnef = LoadedModel::from_bytes(bytes)
+        .and_then(|m| m.to_nnef(Some(shape)))
+        .context("converting")?;
+    let converted = LoadedModel::from_bytes(&nnef)
+        .and_then(|m| m.optimize(Some(shape)))
+        .context("loading the conversion")?;
+    anyhow::ensure!(
+        converted.output_names() == onnx.output_names(),
+        "the conversion names its outputs {:?}, the ONNX model {:?}",
+        converted.output_names(),
+        onnx.output_names()
+    );
+    // A fixed xorshift sequence in [-1, 1): the check is the same on every publication.
+    let mut state = 0x9e37_79b9_u32;
+    let noise: Vec<f32> = (0..onnx.input_len())
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect();
+    for input in [vec![0.0; onnx.input_len()], noise] {
+        let (want, got) = (onnx.run(&input)?, converted.run(&input)?);
+        for (w, g) in want.iter().zip(&got) {
+            anyhow::ensure!(w.shape == g.shape, "output {} changes shape", w.name);
+            for (a, b) in w.data.iter().zip(&g.data) {
+                let allowed = NNEF_TOLERANCE * a.abs().max(1.0);
+                anyhow::ensure!(
+                    (a - b).abs() <= allowed,
+                    "output {} differs: {a} from ONNX, {b} from NNEF",
+                    w.name
+                );
+            }
+        }
+    }
+    Ok(nnef)
+}
+
+/// The file holding the ONNX bytes with digest `sha256`.
 pub fn blob_path(hub: &HubDir, sha256: &str) -> std::path::PathBuf {
     hub.models_dir().join(format!("{sha256}.onnx"))
+}
+
+/// The file holding the NNEF bytes with digest `sha256`.
+pub fn nnef_blob_path(hub: &HubDir, sha256: &str) -> std::path::PathBuf {
+    hub.models_dir().join(format!("{sha256}.nnef.tar"))
 }
 
 /// Files [`BlobCache`] keeps in memory.
@@ -109,10 +189,19 @@ impl BlobCache {
         if let Some(bytes) = self.cached(sha256) {
             return Ok(Some(bytes));
         }
-        let bytes = match tokio::fs::read(blob_path(hub, sha256)).await {
-            Ok(read) => Bytes::from(read),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let mut bytes = None;
+        for path in [blob_path(hub, sha256), nnef_blob_path(hub, sha256)] {
+            match tokio::fs::read(path).await {
+                Ok(read) => {
+                    bytes = Some(Bytes::from(read));
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(bytes) = bytes else {
+            return Ok(None);
         };
         let mut recent = self.lock();
         recent.retain(|(d, _)| d != sha256);
@@ -134,9 +223,14 @@ impl BlobCache {
     }
 }
 
-fn store_blob(dir: &Path, sha256: &str, bytes: &[u8]) -> anyhow::Result<()> {
+fn store_blob(dir: &Path, artifact: &Artifact, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(format!("{sha256}.onnx"));
+    let sha256 = &artifact.sha256;
+    let extension = match ModelFormat::detect(bytes) {
+        ModelFormat::Onnx => "onnx",
+        ModelFormat::Nnef => "nnef.tar",
+    };
+    let path = dir.join(format!("{sha256}.{extension}"));
     if path.exists() {
         return Ok(());
     }
@@ -173,6 +267,27 @@ mod tests {
         assert!(v1.verify(key.public_key().as_ref()).is_ok());
         let stored = std::fs::read(blob_path(&hub, &v1.manifest.sha256)).expect("blob");
         assert!(v1.manifest.check_bytes(&stored).is_ok());
+        // The NNEF conversion is stored, signed and gives the model's scores.
+        let nnef = v1.manifest.nnef.clone().expect("converted to NNEF");
+        let converted = std::fs::read(nnef_blob_path(&hub, &nnef.sha256)).expect("NNEF blob");
+        assert!(v1.manifest.check_artifact(&nnef, &converted).is_ok());
+        let loaded = LoadedModel::from_bytes(&converted).expect("NNEF loads");
+        assert_eq!(loaded.format(), ModelFormat::Nnef);
+        let window = vec![0.25; v1.manifest.input_len()];
+        let run = |bytes: &[u8]| {
+            LoadedModel::from_bytes(bytes)
+                .and_then(|m| m.optimize(Some(zoo.input_shape)))
+                .and_then(|r| r.run(&window))
+                .expect("runs")
+        };
+        let (from_onnx, from_nnef) = (run(zoo.onnx), run(&converted));
+        assert_eq!(from_onnx.len(), from_nnef.len());
+        for (a, b) in from_onnx.iter().zip(&from_nnef) {
+            assert_eq!(a.name, b.name);
+            for (x, y) in a.data.iter().zip(&b.data) {
+                assert!((x - y).abs() <= 1e-4, "{}: {x} vs {y}", a.name);
+            }
+        }
         assert_eq!(
             v1.manifest.input_len(),
             zoo.input_shape.iter().product::<usize>()
@@ -193,9 +308,15 @@ mod tests {
 
         let junk = Publication {
             bytes: b"not a model",
-            ..publication
+            ..publication.clone()
         };
         assert!(publish(&hub, &registry, &junk).is_err());
+        let already_nnef = Publication {
+            bytes: zoo.nnef,
+            ..publication
+        };
+        let err = publish(&hub, &registry, &already_nnef).expect_err("NNEF is converted here");
+        assert!(err.to_string().contains("publish the ONNX file"), "{err:#}");
     }
 
     #[tokio::test]

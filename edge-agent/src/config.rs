@@ -74,6 +74,40 @@ pub struct HubSection {
     /// Largest model download accepted.
     #[serde(default = "default_max_model_bytes")]
     pub max_model_bytes: u64,
+    /// Which of a model version's files to download: `onnx` (the published file; the default
+    /// where the build reads ONNX) or `nnef` (the hub's checked conversion; the only choice of
+    /// a gateway build without ONNX). A version without the chosen file falls back to the
+    /// other where this build reads it.
+    #[serde(default = "default_model_format")]
+    pub model_format: ModelFileFormat,
+}
+
+/// A model file format, as the config names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFileFormat {
+    /// ONNX.
+    Onnx,
+    /// NNEF.
+    Nnef,
+}
+
+impl ModelFileFormat {
+    /// The runner's name for it.
+    pub fn format(self) -> models::ModelFormat {
+        match self {
+            ModelFileFormat::Onnx => models::ModelFormat::Onnx,
+            ModelFileFormat::Nnef => models::ModelFormat::Nnef,
+        }
+    }
+}
+
+fn default_model_format() -> ModelFileFormat {
+    if models::ModelFormat::Onnx.is_readable() {
+        ModelFileFormat::Onnx
+    } else {
+        ModelFileFormat::Nnef
+    }
 }
 
 impl Default for HubSection {
@@ -89,6 +123,7 @@ impl Default for HubSection {
             shadow_every: default_shadow_every(),
             shadow_secs: default_shadow_secs(),
             max_model_bytes: default_max_model_bytes(),
+            model_format: default_model_format(),
         }
     }
 }
@@ -676,6 +711,12 @@ impl AgentConfig {
 
     fn validate_hub(&self, problems: &mut Vec<String>) {
         let h = &self.hub;
+        if !h.model_format.format().is_readable() {
+            problems.push(format!(
+                "hub.model_format: this agent was built without {} support; use \"nnef\"",
+                h.model_format.format()
+            ));
+        }
         if let Some(e) = &h.endpoint
             && e.rsplit_once(':')
                 .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())

@@ -7,10 +7,17 @@ use anyhow::Context;
 use clap::Parser;
 use edge_agent::AgentConfig;
 use tokio_util::sync::CancellationToken;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Spillway edge agent: MQTT sensor windows in, ONNX inference results out.
 #[derive(Debug, Parser)]
-#[command(version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SPILLWAY_REVISION"), ", ", env!("SPILLWAY_TARGET"), ")"))]
+#[command(version = concat!(
+    env!("CARGO_PKG_VERSION"), " (", env!("SPILLWAY_REVISION"), ", ", env!("SPILLWAY_TARGET"),
+    ", reads ", env!("SPILLWAY_FORMATS"), ")"
+))]
 struct Args {
     /// Configuration file (TOML); `SPILLWAY__SECTION__KEY` variables override it.
     #[arg(short, long, default_value = "/etc/spillway/agent.toml")]
@@ -22,14 +29,18 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    let (filter, bad_filter) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
         )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+        .with(filter)
         .init();
+    if let Some(error) = bad_filter {
+        tracing::warn!(%error, "RUST_LOG is not a list of target=level directives; logging at info");
+    }
     let config = AgentConfig::load(&args.config, std::env::vars())
         .with_context(|| format!("loading {:?}", args.config))?;
     if args.check_config {
@@ -53,6 +64,21 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The log filter from `RUST_LOG`: comma-separated `level` and `target=level` directives
+/// (`info`, `warn,edge_agent=debug`), `info` when unset. Span and field filters, which need a
+/// regular-expression engine the gateway binary does without, are not supported; a value that
+/// does not parse yields `info` and the reason.
+fn log_filter(value: Option<&str>) -> (Targets, Option<String>) {
+    let info = || Targets::new().with_default(Level::INFO);
+    match value.map(str::trim) {
+        None | Some("") => (info(), None),
+        Some(value) => match value.parse::<Targets>() {
+            Ok(targets) => (targets, None),
+            Err(error) => (info(), Some(error.to_string())),
+        },
+    }
+}
+
 async fn cancel_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -67,4 +93,27 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT"),
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_log_sets_levels_per_target_and_a_bad_value_falls_back_to_info() {
+        let (filter, bad) = log_filter(Some("warn,edge_agent::offload=debug"));
+        assert!(bad.is_none());
+        assert!(filter.would_enable("edge_agent::offload", &Level::DEBUG));
+        assert!(!filter.would_enable("edge_agent::ingest", &Level::INFO));
+        assert!(filter.would_enable("rumqttc", &Level::WARN));
+
+        let (filter, bad) = log_filter(None);
+        assert!(bad.is_none());
+        assert!(filter.would_enable("edge_agent", &Level::INFO));
+        assert!(!filter.would_enable("edge_agent", &Level::DEBUG));
+
+        let (filter, bad) = log_filter(Some("edge_agent=loud"));
+        assert!(bad.is_some());
+        assert!(filter.would_enable("edge_agent", &Level::INFO));
+    }
 }

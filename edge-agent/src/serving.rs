@@ -71,7 +71,7 @@ impl ServedModel {
             (None, Some(zoo)) => {
                 let zoo = models::zoo::by_name(zoo)
                     .with_context(|| format!("model {name:?}: unknown zoo model {zoo:?}"))?;
-                (LoadedModel::from_bytes(zoo.onnx), Some(zoo))
+                (LoadedModel::from_bytes(zoo.bytes()), Some(zoo))
             }
             (None, None) => bail!("model {name:?}: no path and no zoo name"),
         };

@@ -3,7 +3,9 @@
 //! The hub sends a [`SignedManifest`]. Before a byte is fetched the agent checks that it
 //! serves the model, that the version is newer than the active one (never a downgrade, never
 //! a version it rolled back from), that the pinned hub key signed the manifest, that the
-//! agent is new enough, and that the input holds exactly one of its windows. The bytes come
+//! agent is new enough, that the input holds exactly one of its windows, and picks the file to
+//! fetch: the format `hub.model_format` names, else the other one where the build reads it
+//! (a gateway build reads only the NNEF file the hub converted). The bytes come
 //! on a QUIC stream of their own on the hub connection, appended to `<sha256>.part` in the
 //! state folder; a dropped connection leaves the part, and the next attempt asks the hub only
 //! for what is missing. The whole file must match the manifest's size and SHA-256. The model
@@ -27,8 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use models::ModelFormat;
 use protocol::frame::{self, Decoded, Decoder, FetchModel, Message};
-use protocol::manifest::{SignedManifest, version_at_least};
+use protocol::manifest::{Artifact, Manifest, SignedManifest, version_at_least};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AgentConfig, ModelSection};
@@ -75,6 +78,8 @@ pub struct Updater {
     hub_key: PathBuf,
     shadow_for: Duration,
     max_bytes: u64,
+    /// The formats to fetch, preferred first.
+    formats: Vec<ModelFormat>,
     counters: Arc<Counters>,
     installed: Mutex<BTreeMap<String, Entry>>,
     busy: Mutex<HashSet<String>>,
@@ -96,6 +101,7 @@ impl Updater {
             hub_key: config.hub.hub_key_path(),
             shadow_for: Duration::from_secs(config.hub.shadow_secs),
             max_bytes: config.hub.max_model_bytes,
+            formats: preference(config.hub.model_format.format()),
             counters,
             installed: Mutex::new(installed),
             busy: Mutex::default(),
@@ -131,14 +137,25 @@ impl Updater {
     fn load_installed(&self, index: usize, signed: &SignedManifest) -> anyhow::Result<ServedModel> {
         let key = std::fs::read(&self.hub_key).context("no pinned hub key")?;
         let m = signed.verify(&key)?;
-        let bytes = std::fs::read(self.blob(&m.sha256))
-            .with_context(|| format!("reading {} v{}", m.name, m.version))?;
-        m.check_bytes(&bytes)?;
+        // The file fetched then: the first of the formats read here that is on disk.
+        let (artifact, path) = self
+            .formats
+            .iter()
+            .filter_map(|&f| artifact(m, f).map(|a| (self.blob(&a.sha256, f), a)))
+            .find(|(path, _)| path.exists())
+            .map(|(path, a)| (a, path))
+            .with_context(|| format!("no file of {} v{} is kept here", m.name, m.version))?;
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("reading {} v{}", m.name, m.version))?;
+        m.check_artifact(&artifact, &bytes)?;
         ServedModel::load_version(&self.slots.get(index), m.version, &bytes, &m.input_shape)
     }
 
-    fn blob(&self, sha256: &str) -> PathBuf {
-        self.dir.join(format!("{sha256}.onnx"))
+    fn blob(&self, sha256: &str, format: ModelFormat) -> PathBuf {
+        match format {
+            ModelFormat::Onnx => self.dir.join(format!("{sha256}.onnx")),
+            ModelFormat::Nnef => self.dir.join(format!("{sha256}.nnef.tar")),
+        }
     }
 
     /// Installs `signed`, fetching its bytes over `conn`. Returns once it serves, or why not.
@@ -181,7 +198,7 @@ impl Updater {
             .map(|e| e.refused.clone())
             .unwrap_or_default();
         let key = std::fs::read(&self.hub_key).context("no pinned hub key to check the update")?;
-        vet(
+        let (format, file) = vet(
             &signed,
             &Current {
                 version: current.version,
@@ -189,17 +206,18 @@ impl Updater {
                 refused: &refused,
                 agent_version: env!("CARGO_PKG_VERSION"),
                 max_bytes: self.max_bytes,
+                formats: &self.formats,
             },
             &key,
         )?;
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
         let bytes = self
-            .download(conn, &m.sha256, m.size)
+            .download(conn, &file.sha256, file.size)
             .await
             .map_err(Failure::Interrupted)?;
-        if let Err(e) = m.check_bytes(&bytes) {
-            let _ = std::fs::remove_file(self.part(&m.sha256));
+        if let Err(e) = m.check_artifact(&file, &bytes) {
+            let _ = std::fs::remove_file(self.part(&file.sha256));
             return Err(e.into());
         }
         let this = Arc::clone(self);
@@ -208,11 +226,8 @@ impl Updater {
         })
         .await
         .context("loading the update panicked")??;
-        std::fs::rename(
-            self.part(&signed.manifest.sha256),
-            self.blob(&signed.manifest.sha256),
-        )
-        .context("keeping the model file")?;
+        std::fs::rename(self.part(&file.sha256), self.blob(&file.sha256, format))
+            .context("keeping the model file")?;
         {
             let mut installed = lock(&self.installed);
             let entry = installed.entry(signed.manifest.name.clone()).or_default();
@@ -421,11 +436,39 @@ struct Current<'a> {
     refused: &'a [u32],
     agent_version: &'a str,
     max_bytes: u64,
+    /// The formats to fetch, preferred first.
+    formats: &'a [ModelFormat],
+}
+
+/// `preferred`, then the other formats this build reads.
+fn preference(preferred: ModelFormat) -> Vec<ModelFormat> {
+    let mut formats = vec![preferred];
+    formats.extend(
+        ModelFormat::READABLE
+            .iter()
+            .filter(|&&f| f != preferred)
+            .copied(),
+    );
+    formats.retain(|f| f.is_readable());
+    formats
+}
+
+/// The manifest's file in `format`, if it has one.
+fn artifact(m: &Manifest, format: ModelFormat) -> Option<Artifact> {
+    match format {
+        ModelFormat::Onnx => Some(m.onnx()),
+        ModelFormat::Nnef => m.nnef.clone(),
+    }
 }
 
 /// The checks made before a byte is fetched: newer, not refused before, signed by the pinned
-/// key, agent new enough, one window per input, not too large.
-fn vet(signed: &SignedManifest, current: &Current<'_>, pinned_key: &[u8]) -> anyhow::Result<()> {
+/// key, agent new enough, one window per input, a file in a format read here, not too large.
+/// Returns that file and its format.
+fn vet(
+    signed: &SignedManifest,
+    current: &Current<'_>,
+    pinned_key: &[u8],
+) -> anyhow::Result<(ModelFormat, Artifact)> {
     let m = &signed.manifest;
     if m.version <= current.version {
         bail!(
@@ -458,16 +501,29 @@ fn vet(signed: &SignedManifest, current: &Current<'_>, pinned_key: &[u8]) -> any
             current.window
         );
     }
-    if m.size > current.max_bytes {
+    let Some((format, file)) = current
+        .formats
+        .iter()
+        .find_map(|&f| artifact(m, f).map(|a| (f, a)))
+    else {
+        let formats: Vec<&str> = current.formats.iter().map(|f| f.name()).collect();
+        bail!(
+            "{} v{} has no file this agent reads ({}): the hub could not convert it to NNEF",
+            m.name,
+            m.version,
+            formats.join(", ")
+        );
+    };
+    if file.size > current.max_bytes {
         bail!(
             "{} v{} is {} bytes; hub.max_model_bytes is {}",
             m.name,
             m.version,
-            m.size,
+            file.size,
             current.max_bytes
         );
     }
-    Ok(())
+    Ok((format, file))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -477,7 +533,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::manifest::Manifest;
     use ring::rand::SystemRandom;
     use ring::signature::{Ed25519KeyPair, KeyPair};
 
@@ -496,6 +551,7 @@ mod tests {
             outputs: vec!["score".into()],
             min_agent_version: "0.1.0".into(),
             created_at: 0,
+            nnef: None,
         };
         SignedManifest {
             signature: key.sign(&manifest.signing_bytes()).as_ref().to_vec(),
@@ -510,6 +566,7 @@ mod tests {
             refused,
             agent_version: "0.1.0",
             max_bytes: 1 << 20,
+            formats: &[ModelFormat::Onnx],
         }
     }
 
@@ -551,5 +608,52 @@ mod tests {
         let mut old = current(&[]);
         old.agent_version = "0.0.9";
         refuse(&ok, &old, "needs agent 0.1.0");
+    }
+
+    #[test]
+    fn the_preferred_format_is_fetched_where_the_version_has_it() {
+        let hub = key();
+        let pinned = hub.public_key().as_ref().to_vec();
+        let only_onnx = signed(3, vec![1, 1, 1024], &hub);
+        let mut both = only_onnx.manifest.clone();
+        both.nnef = Some(Artifact {
+            sha256: "11".repeat(32),
+            size: 12_000,
+        });
+        let both = SignedManifest {
+            signature: hub.sign(&both.signing_bytes()).as_ref().to_vec(),
+            manifest: both,
+        };
+        let mut c = current(&[]);
+        let nnef_first = [ModelFormat::Nnef, ModelFormat::Onnx];
+        c.formats = &nnef_first;
+        let (format, file) = vet(&both, &c, &pinned).expect("NNEF offered");
+        assert_eq!((format, file.size), (ModelFormat::Nnef, 12_000));
+        let (format, file) = vet(&only_onnx, &c, &pinned).expect("falls back to ONNX");
+        assert_eq!((format, file.sha256), (ModelFormat::Onnx, "00".repeat(32)));
+        // A build that reads only NNEF refuses a version the hub could not convert.
+        c.formats = &[ModelFormat::Nnef];
+        let err = vet(&only_onnx, &c, &pinned).expect_err("nothing to read");
+        assert!(err.to_string().contains("could not convert"), "{err:#}");
+        // The size limit applies to the file fetched.
+        c.max_bytes = 12_500;
+        assert!(vet(&both, &c, &pinned).is_ok());
+        c.formats = &[ModelFormat::Onnx];
+        let err = vet(&both, &c, &pinned).expect_err("the ONNX file is larger");
+        assert!(err.to_string().contains("max_model_bytes"), "{err:#}");
+    }
+
+    #[test]
+    fn the_configured_format_comes_first_then_what_else_the_build_reads() {
+        assert_eq!(preference(ModelFormat::Nnef)[0], ModelFormat::Nnef);
+        assert_eq!(
+            preference(ModelFormat::Onnx),
+            ModelFormat::READABLE
+                .iter()
+                .copied()
+                .filter(|f| *f == ModelFormat::Onnx)
+                .chain([ModelFormat::Nnef])
+                .collect::<Vec<_>>()
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! Everything in Spillway that predicts, pure and deterministic.
 //!
-//! [`onnx`] wraps tract: a model is loaded, optimised once for a concrete input shape, then
-//! run many times from many threads, with plain `f32` data in and out and typed errors for
-//! every way a model file can be wrong. [`zoo`] carries the sample models compiled in, so
+//! [`runner`] wraps tract: a model (ONNX, or NNEF converted from it) is loaded, optimised once
+//! for a concrete input shape, then run many times from many threads, with plain `f32` data in
+//! and out and typed errors for every way a model file can be wrong. [`zoo`] carries the sample models compiled in, so
 //! demos and tests need no files. [`forecast`] predicts a load series; [`policy`] turns
 //! observations into a replica count (threshold, Kubernetes HPA, Knative KPA, predictive,
 //! Q-learning); [`offload`] decides how much of an agent's work to spill to the cloud and
@@ -12,9 +12,9 @@
 
 pub mod forecast;
 pub mod offload;
-pub mod onnx;
 pub mod policy;
+pub mod runner;
 pub mod sim;
 pub mod zoo;
 
-pub use onnx::{LoadedModel, ModelError, Output, Runner};
+pub use runner::{LoadedModel, ModelError, ModelFormat, Output, Runner};

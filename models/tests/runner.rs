@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use spillway_models::{LoadedModel, ModelError, zoo};
+use spillway_models::{LoadedModel, ModelError, ModelFormat, zoo};
 
 #[derive(Deserialize)]
 struct Reference {
@@ -33,11 +33,19 @@ fn reference(model: &str) -> Reference {
 }
 
 #[test]
-fn tract_matches_onnxruntime_on_every_zoo_model() {
-    for model in zoo::ALL {
-        let runner = LoadedModel::from_bytes(model.onnx)
-            .and_then(|m| m.optimize(None))
-            .unwrap_or_else(|e| panic!("{}: {e}", model.name));
+fn tract_matches_onnxruntime_on_every_zoo_model_from_onnx_and_from_nnef() {
+    for (model, bytes, format) in zoo::ALL.into_iter().flat_map(|m| {
+        [
+            (m, m.onnx, ModelFormat::Onnx),
+            (m, m.nnef, ModelFormat::Nnef),
+        ]
+    }) {
+        let loaded = LoadedModel::from_bytes(bytes)
+            .unwrap_or_else(|e| panic!("{} {format}: {e}", model.name));
+        assert_eq!(loaded.format(), format);
+        let runner = loaded
+            .optimize(None)
+            .unwrap_or_else(|e| panic!("{} {format}: {e}", model.name));
         assert_eq!(runner.input_shape(), model.input_shape);
         let reference = reference(model.name);
         assert!(!reference.windows.is_empty());
@@ -55,7 +63,7 @@ fn tract_matches_onnxruntime_on_every_zoo_model() {
                 for (got, want) in output.data.iter().zip(expected) {
                     assert!(
                         (got - want).abs() <= 1e-4,
-                        "{} window {i} output {}: tract {got} vs onnxruntime {want}",
+                        "{} ({format}) window {i} output {}: tract {got} vs onnxruntime {want}",
                         model.name,
                         output.name
                     );
@@ -77,6 +85,23 @@ fn zoo_constants_match_the_exported_metadata() {
         assert_eq!(meta.anomaly_threshold, model.anomaly_threshold);
         let on_disk = std::fs::read(zoo_file(&format!("{}.onnx", model.name))).expect("onnx");
         assert_eq!(on_disk, model.onnx);
+        // The NNEF files are conversions of these ONNX files by this tract: the conversion
+        // writes the same bytes for the same model, so a stale file shows here.
+        let converted = LoadedModel::from_bytes(model.onnx)
+            .and_then(|m| m.to_nnef(Some(model.input_shape)))
+            .expect("converts");
+        assert!(
+            converted == model.nnef,
+            "models/zoo/{0}.nnef.tar is stale: cloud-hub model convert models/zoo/{0}.onnx \
+             --input-shape {1} -o models/zoo/{0}.nnef.tar",
+            model.name,
+            model
+                .input_shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
     }
 }
 
@@ -116,6 +141,28 @@ fn bytes_that_are_not_onnx_are_refused() {
         let err = LoadedModel::from_bytes(junk).expect_err("junk");
         assert!(matches!(err, ModelError::NotOnnx(_)), "{err}");
     }
+}
+
+#[test]
+fn broken_nnef_archives_are_refused_and_its_shape_is_fixed() {
+    let whole = zoo::VIBRATION_AE.nnef;
+    assert_eq!(ModelFormat::detect(whole), ModelFormat::Nnef);
+    // Cut inside the first entry, and gzip's magic number over junk.
+    for junk in [&whole[..700], &[0x1f, 0x8b, 0x08, 0x00, 0xde, 0xad][..]] {
+        assert_eq!(ModelFormat::detect(junk), ModelFormat::Nnef);
+        let err = LoadedModel::from_bytes(junk).expect_err("broken");
+        assert!(matches!(err, ModelError::NotNnef(_)), "{err}");
+    }
+    // The conversion fixed the input shape: another one does not fit.
+    let loaded = LoadedModel::from_bytes(whole).expect("load");
+    assert_eq!(
+        loaded.declared_input_shape(),
+        Some(vec![Some(1), Some(128)])
+    );
+    let err = loaded
+        .optimize(Some(&[1, 256]))
+        .expect_err("256 does not fit 128");
+    assert!(matches!(err, ModelError::InputShape(_)), "{err}");
 }
 
 #[test]

@@ -640,12 +640,16 @@ mod tests {
                         manifest: crate::manifest::Manifest {
                             name,
                             version,
-                            sha256,
+                            sha256: sha256.clone(),
                             size,
                             input_shape: vec![1, 1, 1024],
                             outputs: vec!["score".into()],
                             min_agent_version: "0.1.0".into(),
                             created_at: size as i64 / 2,
+                            nnef: (size % 2 == 0).then(|| crate::manifest::Artifact {
+                                sha256: sha256.chars().rev().collect(),
+                                size: size / 3,
+                            }),
                         },
                         signature,
                     })

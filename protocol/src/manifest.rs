@@ -1,6 +1,8 @@
 //! Signed model manifests: what a model update claims to be, and the proof the hub made it.
 //!
-//! A [`Manifest`] names a model version and pins its bytes by SHA-256 and size. The hub signs
+//! A [`Manifest`] names a model version and pins its bytes by SHA-256 and size: the ONNX file
+//! as published and, where the hub could convert it, the same model as NNEF for gateway builds
+//! that read only NNEF. The hub signs
 //! the manifest's canonical CBOR (prefixed with a domain tag, so a signature over anything
 //! else never verifies as a manifest) with its Ed25519 key; an agent checks the signature
 //! against the key it pinned at enrolment, then the downloaded bytes against the digest. Both
@@ -31,6 +33,20 @@ pub struct Manifest {
     pub min_agent_version: String,
     /// When it was published, Unix ms.
     pub created_at: i64,
+    /// The same model converted to NNEF at publication (checked against the ONNX outputs),
+    /// for agents that read only NNEF; absent when it could not be converted. Left out of the
+    /// encoding when absent, so manifests without it sign the same bytes as before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nnef: Option<Artifact>,
+}
+
+/// One file of a model version, pinned by digest and size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// SHA-256 of the bytes, lower-case hex.
+    pub sha256: String,
+    /// Size of the bytes.
+    pub size: u64,
 }
 
 /// A manifest and the hub's Ed25519 signature over it.
@@ -74,20 +90,33 @@ impl Manifest {
         bytes
     }
 
-    /// Checks that `bytes` are the model this manifest names (size, then SHA-256).
+    /// The ONNX file.
+    pub fn onnx(&self) -> Artifact {
+        Artifact {
+            sha256: self.sha256.clone(),
+            size: self.size,
+        }
+    }
+
+    /// Checks that `bytes` are the ONNX model this manifest names (size, then SHA-256).
     pub fn check_bytes(&self, bytes: &[u8]) -> Result<(), ManifestError> {
-        if bytes.len() as u64 != self.size {
+        self.check_artifact(&self.onnx(), bytes)
+    }
+
+    /// Checks that `bytes` are `artifact`, one of this manifest's files (size, then SHA-256).
+    pub fn check_artifact(&self, artifact: &Artifact, bytes: &[u8]) -> Result<(), ManifestError> {
+        if bytes.len() as u64 != artifact.size {
             return Err(self.mismatch(format!(
                 "{} bytes, the manifest says {}",
                 bytes.len(),
-                self.size
+                artifact.size
             )));
         }
         let digest = sha256_hex(bytes);
-        if digest != self.sha256 {
+        if digest != artifact.sha256 {
             return Err(self.mismatch(format!(
                 "SHA-256 {digest}, the manifest says {}",
-                self.sha256
+                artifact.sha256
             )));
         }
         Ok(())
@@ -169,6 +198,7 @@ mod tests {
             outputs: vec!["score".into()],
             min_agent_version: "0.1.0".into(),
             created_at: 1,
+            nnef: None,
         }
     }
 
@@ -191,6 +221,30 @@ mod tests {
         let mut raised = signed.clone();
         raised.manifest.version = 3;
         assert!(raised.verify(hub.public_key().as_ref()).is_err());
+    }
+
+    #[test]
+    fn the_signature_covers_the_nnef_file_and_an_absent_one_changes_nothing() {
+        let hub = key();
+        let mut m = manifest(b"model");
+        // The encoding of a manifest without the NNEF file has no trace of the field, so a
+        // manifest signed before the field existed still verifies.
+        let plain = m.signing_bytes();
+        assert!(!String::from_utf8_lossy(&plain).contains("nnef"));
+        m.nnef = Some(Artifact {
+            sha256: sha256_hex(b"nnef"),
+            size: 4,
+        });
+        let signed = sign(m, &hub);
+        assert!(signed.verify(hub.public_key().as_ref()).is_ok());
+        let mut swapped = signed.clone();
+        if let Some(nnef) = swapped.manifest.nnef.as_mut() {
+            nnef.sha256 = sha256_hex(b"other");
+        }
+        assert!(swapped.verify(hub.public_key().as_ref()).is_err());
+        let nnef = signed.manifest.nnef.clone().expect("nnef");
+        assert!(signed.manifest.check_artifact(&nnef, b"nnef").is_ok());
+        assert!(signed.manifest.check_artifact(&nnef, b"model").is_err());
     }
 
     #[test]

@@ -38,22 +38,24 @@ struct Member {
     listener: Listener,
 }
 
+/// Starts one agent per name; those in `nnef` fetch the NNEF files of updates, as a gateway
+/// build without ONNX does.
 async fn start_members(
     broker: &Broker,
     hub: &HubProcess,
     names: &[&str],
+    nnef: &[&str],
 ) -> anyhow::Result<Vec<Member>> {
     let mut members = Vec::new();
     for name in names {
         let token = hub.enroll(name, 600)?;
         let state = tempfile::tempdir()?;
-        let config = hub_agent_config(
-            broker.port(),
-            name,
-            hub.control,
-            state.path(),
-            "shadow_every = 5",
-        );
+        let extra = if nnef.contains(name) {
+            "shadow_every = 5\nmodel_format = \"nnef\""
+        } else {
+            "shadow_every = 5"
+        };
+        let config = hub_agent_config(broker.port(), name, hub.control, state.path(), extra);
         let agent = Agent::start(&config, &[("SPILLWAY__HUB__TOKEN", &token)])?;
         let listener = Listener::start(broker.port(), "test", name).await?;
         members.push(Member {
@@ -156,7 +158,7 @@ async fn canary_then_everyone_and_a_drifting_version_goes_back() -> anyhow::Resu
     let mut args = FAST.to_vec();
     args.extend(["--min-replicas", "1"]);
     let hub = HubProcess::start(&args)?;
-    let members = start_members(&broker, &hub, &["ro-1", "ro-2", "ro-3"]).await?;
+    let members = start_members(&broker, &hub, &["ro-1", "ro-2", "ro-3"], &["ro-3"]).await?;
     let publisher = Arc::new(Publisher::connect(broker.port()).await?);
     let stop = Arc::new(AtomicBool::new(false));
     let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
@@ -264,6 +266,21 @@ async fn canary_then_everyone_and_a_drifting_version_goes_back() -> anyhow::Resu
                 m.name
             );
         }
+        // Each fetched the format it asked for: the hub's NNEF conversion for ro-3.
+        let kept: Vec<String> = std::fs::read_dir(m.state.path().join("models"))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        let count = |suffix: &str| kept.iter().filter(|f| f.ends_with(suffix)).count();
+        let (wanted, other) = if m.name == "ro-3" {
+            (".nnef.tar", ".onnx")
+        } else {
+            (".onnx", ".nnef.tar")
+        };
+        assert!(
+            count(wanted) >= 1 && count(other) == 0,
+            "{}: {kept:?}",
+            m.name
+        );
         if m.name == canary_v2 || m.name == canary_v3 {
             continue;
         }
@@ -285,7 +302,7 @@ async fn a_rollout_moves_on_as_soon_as_an_install_is_done_not_at_the_next_heartb
     };
     let broker = Broker::shared_or_start(&mosquitto)?;
     let hub = HubProcess::start(&["--heartbeat-ms", "60000", "--offline-after-ms", "300000"])?;
-    let members = start_members(&broker, &hub, &["prompt-1", "prompt-2"]).await?;
+    let members = start_members(&broker, &hub, &["prompt-1", "prompt-2"], &[]).await?;
     publish(&hub, &fixture("bearing-cnn-v2.onnx"), 2)?;
     let id = start_rollout(&hub, 2, "50%", "0s")?;
     wait_stage(&hub, id, "done", Duration::from_secs(30));
@@ -302,7 +319,7 @@ async fn bad_updates_are_refused_and_the_old_model_keeps_serving() -> anyhow::Re
     };
     let broker = Broker::shared_or_start(&mosquitto)?;
     let hub = HubProcess::start(FAST)?;
-    let members = start_members(&broker, &hub, &["bad-1"]).await?;
+    let members = start_members(&broker, &hub, &["bad-1"], &[]).await?;
     let member = &members[0];
 
     // Corrupted bytes: the stored file no longer matches the signed digest.
@@ -433,7 +450,7 @@ async fn a_download_cut_by_a_hub_restart_resumes_where_it_stopped() -> anyhow::R
     let mut args = FAST.to_vec();
     args.extend(["--download-rate", "1000000"]);
     let mut hub = HubProcess::start(&args)?;
-    let mut members = start_members(&broker, &hub, &["dl-1"]).await?;
+    let mut members = start_members(&broker, &hub, &["dl-1"], &[]).await?;
     let member = &mut members[0];
 
     // v2 grown to 3 MB, so the download is still running when the hub goes down.
