@@ -3,8 +3,9 @@
 #
 #   cross/footprint.sh builds     edge-agent in the release and gateway profiles for x86_64,
 #                                 aarch64 and armv7, and a static x86_64 musl gateway build
-#                                 (targets whose toolchain is missing are skipped); then run
-#                                 target/release/bench-footprint
+#                                 (targets whose toolchain is missing are skipped); gateway
+#                                 builds leave ONNX out (--no-default-features: NNEF only);
+#                                 then run target/release/bench-footprint
 #   cross/footprint.sh settings [PATTERN]
 #                                 what each setting of the gateway profile is worth: x86_64
 #                                 gateway builds with one setting changed at a time, each in
@@ -26,6 +27,11 @@ linker_for() {
     esac
 }
 
+# Gateway builds read NNEF only: tract-onnx stays out of them.
+features() {
+    if [ "$1" = gateway ]; then echo --no-default-features; fi
+}
+
 case "${1:-}" in
 builds)
     for target in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
@@ -39,17 +45,17 @@ builds)
                 # The benchmarks' own build (bench-footprint included).
                 cargo build -q --release --workspace --bins
             elif [ "$target" = x86_64-unknown-linux-gnu ]; then
-                cargo build -q --profile "$profile" -p edge-agent --bin edge-agent
+                cargo build -q --profile "$profile" -p edge-agent --bin edge-agent $(features "$profile")
             else
                 cargo build -q --profile "$profile" -p edge-agent --bin edge-agent \
-                    --target "$target" --config "$here/config.toml"
+                    $(features "$profile") --target "$target" --config "$here/config.toml"
             fi
             echo "built $target $profile"
         done
     done
     # A static build for gateways whose C library is old or missing (musl-tools).
     if command -v musl-gcc >/dev/null 2>&1 && rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1; then
-        cargo build -q --profile gateway -p edge-agent --bin edge-agent \
+        cargo build -q --profile gateway -p edge-agent --bin edge-agent --no-default-features \
             --target x86_64-unknown-linux-musl --config "$here/config.toml"
         echo "built x86_64-unknown-linux-musl gateway"
     else
@@ -76,7 +82,8 @@ panic = "unwind"|profile.gateway.panic="unwind"'
             continue
         fi
         dir="$out/$(echo "$name" | tr -c 'a-z0-9\n' '-')"
-        set -- --profile gateway -p edge-agent --bin edge-agent --target-dir "$dir"
+        set -- --profile gateway -p edge-agent --bin edge-agent --no-default-features \
+            --target-dir "$dir"
         [ -n "$setting" ] && set -- "$@" --config "$setting"
         start=$(date +%s)
         cargo build -q "$@"

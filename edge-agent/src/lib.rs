@@ -20,6 +20,11 @@
 //! compare it with the version it replaced on a share of windows, and switch back at once.
 //! Under systemd the agent reports readiness and pings the watchdog only while inference makes
 //! progress ([`systemd`]).
+//!
+//! The default `onnx` feature reads ONNX models; gateway builds leave it out and read NNEF
+//! (tract's own format, which the hub converts every published model to), which keeps
+//! tract-onnx and tract-hir out of the binary. `hub.model_format` says which file of an update
+//! to fetch.
 
 pub mod agent;
 pub mod config;

@@ -15,7 +15,9 @@
 //! `cargo build --release --workspace --bins && cargo build --profile gateway -p edge-agent`
 //! (and `cross/footprint.sh` for every target and profile), then `target/release/bench-footprint`.
 //! `--also LABEL=PATH` adds another x86_64 build to the memory and start-up table, e.g. one of
-//! the `cross/footprint.sh settings` variants.
+//! the `cross/footprint.sh settings` variants. `--symbols PATH` names the unstripped binary
+//! whose symbols are summed by crate (default `target/release/edge-agent`), e.g. a gateway
+//! build with `--config profile.gateway.strip=false`.
 
 #![allow(clippy::disallowed_methods)] // a benchmark reads the clock
 
@@ -118,11 +120,19 @@ fn main() -> anyhow::Result<()> {
         "\nGoal: ≤ 8 MB on aarch64. Anchors: a Rust + ONNX Runtime Greengrass sample agent \
          22 MB; KubeEdge edgecore about 70 MB.\n"
     );
-    let release = target_dir.join("release").join("edge-agent");
-    match crate_sizes(&release) {
+    let symbols = args
+        .iter()
+        .position(|a| a == "--symbols")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir.join("release").join("edge-agent"));
+    match crate_sizes(&symbols) {
         Ok(crates) => {
             let total: u64 = crates.iter().map(|(_, size)| size).sum();
-            println!("### What the x86_64 release binary holds (code and data symbols by crate)\n");
+            println!(
+                "### What {} holds (code and data symbols by crate)\n",
+                symbols.display()
+            );
             println!("| crate | size | share |");
             println!("| --- | --- | --- |");
             for (name, size) in crates.iter().take(12) {
@@ -138,7 +148,7 @@ fn main() -> anyhow::Result<()> {
                 total as f64 / 1e6
             );
         }
-        Err(e) => println!("(no symbol table of {release:?}: {e})\n"),
+        Err(e) => println!("(no symbol table of {symbols:?}: {e})\n"),
     }
 
     let mosquitto = mosquitto_path().context("mosquitto is needed (apt-get install mosquitto)")?;
