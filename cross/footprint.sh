@@ -1,8 +1,8 @@
 #!/bin/sh
 # Builds what the footprint table measures.
 #
-#   cross/footprint.sh builds     edge-agent in the release and gateway profiles for x86_64,
-#                                 aarch64 and armv7, and a static x86_64 musl gateway build
+#   cross/footprint.sh builds     edge-agent in the release, gateway and gateway-small profiles
+#                                 for x86_64, aarch64 and armv7, and a static x86_64 musl gateway build
 #                                 (targets whose toolchain is missing are skipped); gateway
 #                                 builds leave ONNX out (--no-default-features: NNEF only);
 #                                 then run target/release/bench-footprint
@@ -29,7 +29,7 @@ linker_for() {
 
 # Gateway builds read NNEF only: tract-onnx stays out of them.
 features() {
-    if [ "$1" = gateway ]; then echo --no-default-features; fi
+    case "$1" in gateway*) echo --no-default-features ;; esac
 }
 
 case "${1:-}" in
@@ -40,7 +40,7 @@ builds)
             continue
         fi
         rustup target add "$target" >/dev/null 2>&1 || true
-        for profile in release gateway; do
+        for profile in release gateway gateway-small; do
             if [ "$target" = x86_64-unknown-linux-gnu ] && [ "$profile" = release ]; then
                 # The benchmarks' own build (bench-footprint included).
                 cargo build -q --release --workspace --bins

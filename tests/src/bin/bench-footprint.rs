@@ -1,6 +1,6 @@
 //! Footprint benchmark: how small and how quick the agent is on a gateway.
 //!
-//! For every `edge-agent` build it finds (`target/{release,gateway}/` and the same under
+//! For every `edge-agent` build it finds (`target/{release,gateway,gateway-small}/` and the same under
 //! `target/aarch64-unknown-linux-gnu/`, `target/armv7-unknown-linux-gnueabihf/` and
 //! `target/x86_64-unknown-linux-musl/`):
 //! - the stripped binary size (stripped with the target's own `strip`);
@@ -52,7 +52,7 @@ const TARGETS: [(&str, &str, &str); 4] = [
         "arm-linux-gnueabihf-strip",
     ),
 ];
-const PROFILES: [&str; 2] = ["release", "gateway"];
+const PROFILES: [&str; 3] = ["release", "gateway", "gateway-small"];
 const SENSORS: usize = 10;
 const RATE: usize = 1_000;
 const LOAD_SECS: u64 = 10;
@@ -81,8 +81,8 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| root.join("target"));
 
     println!("### Binary size (stripped)\n");
-    println!("| target | release | gateway |");
-    println!("| --- | --- | --- |");
+    println!("| target | release | gateway | gateway-small |");
+    println!("| --- | --- | --- | --- |");
     let mut native = Vec::new();
     for (arch, triple, strip) in TARGETS {
         let mut cells = Vec::new();
@@ -113,7 +113,7 @@ fn main() -> anyhow::Result<()> {
         let binary = PathBuf::from(path);
         anyhow::ensure!(binary.exists(), "{path} does not exist");
         let size = stripped_size(&binary, "strip")?;
-        println!("| {label} (stripped) | {:.2} MB | |", size as f64 / 1e6);
+        println!("| {label} (stripped) | {:.2} MB | | |", size as f64 / 1e6);
         native.push((label.to_owned(), binary));
     }
     println!(
