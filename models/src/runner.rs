@@ -462,3 +462,32 @@ impl Runner {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_build_reads_the_zoo_in_its_formats_and_names_what_it_cannot_read() {
+        for model in crate::zoo::ALL {
+            let nnef = LoadedModel::from_bytes(model.nnef).expect("NNEF is always read");
+            assert_eq!(nnef.format(), ModelFormat::Nnef);
+            let onnx = LoadedModel::from_bytes(model.onnx);
+            if cfg!(feature = "onnx") {
+                assert_eq!(onnx.expect("ONNX read").format(), ModelFormat::Onnx);
+            } else {
+                let err = onnx.expect_err("a build without ONNX");
+                assert!(matches!(err, ModelError::FormatNotBuilt(_)), "{err}");
+                assert!(err.to_string().contains("cloud-hub model convert"), "{err}");
+            }
+            // The zoo hands each build the file it reads, ONNX where it can.
+            let default = if cfg!(feature = "onnx") {
+                ModelFormat::Onnx
+            } else {
+                ModelFormat::Nnef
+            };
+            let loaded = LoadedModel::from_bytes(model.bytes()).expect("the default loads");
+            assert_eq!(loaded.format(), default);
+        }
+    }
+}

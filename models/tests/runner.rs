@@ -1,4 +1,6 @@
 //! The runner against onnxruntime's reference outputs, and every way a model can be wrong.
+// Every test here reads ONNX; the NNEF-only build checks its path in the runner's unit tests.
+#![cfg(feature = "onnx")]
 
 use std::path::PathBuf;
 use std::sync::Arc;
