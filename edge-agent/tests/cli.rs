@@ -9,14 +9,25 @@ fn agent() -> Command {
 }
 
 #[test]
-fn version_names_the_revision_and_target() {
+fn version_names_the_revision_target_and_model_formats() {
     let out = agent().arg("--version").output().expect("runs");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(env!("CARGO_PKG_VERSION")), "{text}");
     assert!(text.contains("linux"), "the target triple: {text}");
     let inside = text.split('(').nth(1).unwrap_or_default();
-    assert_eq!(inside.split(", ").count(), 2, "revision and target: {text}");
+    let parts: Vec<&str> = inside
+        .trim_end()
+        .trim_end_matches(')')
+        .split(", ")
+        .collect();
+    assert_eq!(parts.len(), 3, "revision, target and formats: {text}");
+    let formats = if cfg!(feature = "onnx") {
+        "reads ONNX and NNEF"
+    } else {
+        "reads NNEF"
+    };
+    assert_eq!(parts[2], formats, "{text}");
 }
 
 /// Runs `edge-agent --check-config` on a config written from `toml`.
