@@ -156,12 +156,16 @@ pub fn to_checked_nnef(bytes: &[u8], onnx: &Runner) -> anyhow::Result<Vec<u8>> {
 
 /// The file holding the ONNX bytes with digest `sha256`.
 pub fn blob_path(hub: &HubDir, sha256: &str) -> std::path::PathBuf {
-    hub.models_dir().join(format!("{sha256}.onnx"))
+    file_of(&hub.models_dir(), sha256, ModelFormat::Onnx)
 }
 
 /// The file holding the NNEF bytes with digest `sha256`.
 pub fn nnef_blob_path(hub: &HubDir, sha256: &str) -> std::path::PathBuf {
-    hub.models_dir().join(format!("{sha256}.nnef.tar"))
+    file_of(&hub.models_dir(), sha256, ModelFormat::Nnef)
+}
+
+fn file_of(dir: &Path, sha256: &str, format: ModelFormat) -> std::path::PathBuf {
+    dir.join(format!("{sha256}.{}", format.extension()))
 }
 
 /// Files [`BlobCache`] keeps in memory.
@@ -226,11 +230,7 @@ impl BlobCache {
 fn store_blob(dir: &Path, artifact: &Artifact, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let sha256 = &artifact.sha256;
-    let extension = match ModelFormat::detect(bytes) {
-        ModelFormat::Onnx => "onnx",
-        ModelFormat::Nnef => "nnef.tar",
-    };
-    let path = dir.join(format!("{sha256}.{extension}"));
+    let path = file_of(dir, sha256, ModelFormat::detect(bytes));
     if path.exists() {
         return Ok(());
     }

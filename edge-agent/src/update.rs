@@ -138,12 +138,11 @@ impl Updater {
         let key = std::fs::read(&self.hub_key).context("no pinned hub key")?;
         let m = signed.verify(&key)?;
         // The file fetched then: the first of the formats read here that is on disk.
-        let (artifact, path) = self
+        let (path, artifact) = self
             .formats
             .iter()
             .filter_map(|&f| artifact(m, f).map(|a| (self.blob(&a.sha256, f), a)))
             .find(|(path, _)| path.exists())
-            .map(|(path, a)| (a, path))
             .with_context(|| format!("no file of {} v{} is kept here", m.name, m.version))?;
         let bytes =
             std::fs::read(&path).with_context(|| format!("reading {} v{}", m.name, m.version))?;
@@ -152,10 +151,7 @@ impl Updater {
     }
 
     fn blob(&self, sha256: &str, format: ModelFormat) -> PathBuf {
-        match format {
-            ModelFormat::Onnx => self.dir.join(format!("{sha256}.onnx")),
-            ModelFormat::Nnef => self.dir.join(format!("{sha256}.nnef.tar")),
-        }
+        self.dir.join(format!("{sha256}.{}", format.extension()))
     }
 
     /// Installs `signed`, fetching its bytes over `conn`. Returns once it serves, or why not.

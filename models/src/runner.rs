@@ -104,6 +104,14 @@ impl ModelFormat {
         Self::READABLE.contains(&self)
     }
 
+    /// The file name extension a file of this format is kept under.
+    pub fn extension(self) -> &'static str {
+        match self {
+            ModelFormat::Onnx => "onnx",
+            ModelFormat::Nnef => "nnef.tar",
+        }
+    }
+
     /// Its lower-case name, as manifests and logs spell it.
     pub fn name(self) -> &'static str {
         match self {
