@@ -1,7 +1,7 @@
 #!/bin/sh
-# Builds the agent for a gateway target as gateways get it (NNEF only, no ONNX) and runs it
-# under qemu-user-static: the agent's unit tests, then a smoke run (load the sample models,
-# run each on a window, exit 0).
+# Builds the agent for a gateway target as gateways get it (NNEF only, no ONNX, packed
+# relocations) and runs it under qemu-user-static: the agent's unit tests, then a smoke run
+# (load the sample models, run each on a window, exit 0).
 #
 #   cross/check.sh aarch64-unknown-linux-gnu     (or armv7-unknown-linux-gnueabihf)
 #
@@ -26,8 +26,10 @@ rustup target list --installed 2>/dev/null | grep -qx "$target" ||
 cd "$here/.."
 # Plain debug builds: no debug info, nothing kept for incremental rebuilds.
 export CARGO_INCREMENTAL=0 CARGO_PROFILE_DEV_DEBUG=0 QEMU_LD_PREFIX="$sysroot"
+link=$(sh "$here/link-flags.sh" "$target")
 build() {
-    cargo "$@" -p edge-agent --no-default-features --target "$target" --config "$here/config.toml"
+    cargo "$@" -p edge-agent --no-default-features --target "$target" --config "$here/config.toml" \
+        "$link"
 }
 tests=$(build test --lib --no-run --message-format=json 2>/dev/null |
     sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | head -n 1)

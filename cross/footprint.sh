@@ -4,7 +4,8 @@
 #   cross/footprint.sh builds     edge-agent in the release, gateway and gateway-small profiles
 #                                 for x86_64, aarch64 and armv7, and a static x86_64 musl gateway build
 #                                 (targets whose toolchain is missing are skipped); gateway
-#                                 builds leave ONNX out (--no-default-features: NNEF only);
+#                                 builds leave ONNX out (--no-default-features: NNEF only)
+#                                 and pack relocations (link-flags.sh);
 #                                 then run target/release/bench-footprint
 #   cross/footprint.sh settings [PATTERN]
 #                                 what each setting of the gateway profile is worth: x86_64
@@ -27,9 +28,10 @@ linker_for() {
     esac
 }
 
-# Gateway builds read NNEF only: tract-onnx stays out of them.
-features() {
-    case "$1" in gateway*) echo --no-default-features ;; esac
+# Gateway builds read NNEF only (tract-onnx stays out of them) and pack their relative
+# relocations (cross/link-flags.sh).
+gateway_flags() {
+    case "$1" in gateway*) echo --no-default-features "$(sh "$here/link-flags.sh" "$2")" ;; esac
 }
 
 case "${1:-}" in
@@ -45,10 +47,11 @@ builds)
                 # The benchmarks' own build (bench-footprint included).
                 cargo build -q --release --workspace --bins
             elif [ "$target" = x86_64-unknown-linux-gnu ]; then
-                cargo build -q --profile "$profile" -p edge-agent --bin edge-agent $(features "$profile")
+                cargo build -q --profile "$profile" -p edge-agent --bin edge-agent \
+                    $(gateway_flags "$profile" "$target")
             else
                 cargo build -q --profile "$profile" -p edge-agent --bin edge-agent \
-                    $(features "$profile") --target "$target" --config "$here/config.toml"
+                    $(gateway_flags "$profile" "$target") --target "$target" --config "$here/config.toml"
             fi
             echo "built $target $profile"
         done
@@ -65,8 +68,9 @@ builds)
 settings)
     out=target/settings
     mkdir -p "$out"
-    # name|--config values (none: the gateway profile as it is)
+    # name|--config values (none: the gateway profile as it is; -: relocations not packed)
     variants='gateway as it is|
+relocations not packed|-
 opt-level = 3|profile.gateway.opt-level=3
 opt-level = "z"|profile.gateway.opt-level="z"
 lto = false|profile.gateway.lto=false
@@ -84,7 +88,11 @@ panic = "unwind"|profile.gateway.panic="unwind"'
         dir="$out/$(echo "$name" | tr -c 'a-z0-9\n' '-')"
         set -- --profile gateway -p edge-agent --bin edge-agent --no-default-features \
             --target-dir "$dir"
-        [ -n "$setting" ] && set -- "$@" --config "$setting"
+        case "$setting" in
+            -) ;;
+            '') set -- "$@" "$(sh "$here/link-flags.sh" x86_64-unknown-linux-gnu)" ;;
+            *) set -- "$@" "$(sh "$here/link-flags.sh" x86_64-unknown-linux-gnu)" --config "$setting" ;;
+        esac
         start=$(date +%s)
         cargo build -q "$@"
         took=$(($(date +%s) - start))

@@ -30,13 +30,18 @@ for script in postinst prerm postrm; do
 done
 echo /etc/spillway/agent.toml > "$root/DEBIAN/conffiles"
 size=$(du -sk "$root" | cut -f1)
+# The newest glibc the binary needs: its newest GLIBC_x.y symbol version, and 2.36 when it
+# packs its relocations (GLIBC_ABI_DT_RELR, see link-flags.sh).
+glibc=$(readelf -V "$binary" | sed -n 's/.*Name: GLIBC_\([0-9.]*\|ABI_DT_RELR\) .*/\1/p' |
+    sed 's/^ABI_DT_RELR$/2.36/' | sort -uV | tail -n 1)
+[ -n "$glibc" ] || { echo "$binary names no glibc version (readelf -V)" >&2; exit 1; }
 cat > "$root/DEBIAN/control" <<CONTROL
 Package: spillway-agent
 Version: $version
 Architecture: $arch
 Maintainer: Spillway <spillway@localhost>
 Installed-Size: $size
-Depends: libc6, adduser | passwd
+Depends: libc6 (>= $glibc), adduser | passwd
 Section: net
 Priority: optional
 Description: Spillway edge agent

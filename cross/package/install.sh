@@ -5,6 +5,12 @@
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=${DESTDIR:-}
+# On the gateway itself, find out now whether this build runs here (architecture, C library).
+if [ -z "$root" ] && ! out=$("$here/edge-agent" --version 2>&1); then
+    echo "this edge-agent does not run on this machine, nothing installed:" >&2
+    echo "$out" >&2
+    exit 1
+fi
 install -D -m 0755 "$here/edge-agent" "$root/usr/bin/edge-agent"
 install -D -m 0644 "$here/spillway-agent.service" "$root/lib/systemd/system/spillway-agent.service"
 if [ -e "$root/etc/spillway/agent.toml" ]; then

@@ -88,6 +88,13 @@ fn the_package_installs_where_the_unit_expects_and_the_agent_checks_its_config()
         .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
         .expect("a tarball");
 
+    // dpkg checks the dependency against this machine's glibc as it installs.
+    let depends = run(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Depends"))?;
+    let depends = String::from_utf8(depends.stdout)?;
+    assert!(
+        depends.starts_with("libc6 (>= 2."),
+        "the package names the glibc its binary needs: {depends}"
+    );
     let _installed = Installed;
     run(Command::new("dpkg").arg("-i").arg(deb))?;
 
@@ -188,5 +195,20 @@ fn the_package_installs_where_the_unit_expects_and_the_agent_checks_its_config()
         assert!(root.join(file).is_file(), "{file} from install.sh");
     }
     assert!(root.join("var/lib/spillway").is_dir());
+
+    // On a gateway whose loader refuses the build, install.sh says why and installs nothing.
+    let refused = folder.join("edge-agent");
+    std::fs::write(
+        &refused,
+        "#!/bin/sh\necho \"version 'GLIBC_ABI_DT_RELR' not found\" >&2\nexit 1\n",
+    )?;
+    let out = Command::new("sh").arg(folder.join("install.sh")).output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "install.sh went on: {said}");
+    assert!(
+        said.contains("does not run on this machine") && said.contains("GLIBC_ABI_DT_RELR"),
+        "{said}"
+    );
+    assert!(!Path::new("/usr/bin/edge-agent").exists());
     Ok(())
 }
