@@ -272,6 +272,9 @@ fn replay_score(rates: &[f64], learner: &QLearning, config: &SimConfig, seed: u6
 fn train_one_q(rates: &[f64], config: &SimConfig, seed: u64) -> QLearning {
     let mut q = QLearning::new(config.max_replicas, seed);
     q.epsilon_decay = 0.9997;
+    // What a scaling move wastes in this simulator: a new replica is paid for through its
+    // warm-up before it serves anything, and a removal undone later pays that again.
+    q.move_cost = config.replica_cost * config.warmup_secs as f64;
     for episode in 0..200 {
         q.reset_episode();
         simulate(

@@ -437,7 +437,10 @@ impl Policy for Predictive {
 /// was. In a state of sustained overload the values fall lower (about −500 with the
 /// simulator's rewards at γ = 0.98), and there an untried action does look best. Starting
 /// lower (−700, −1,000, −3,000) was tried and helped on some workloads and hurt on others.
-/// Seeded; `freeze` stops learning and exploration for evaluation.
+/// While learning, a decision that changes the replica count is charged `move_cost` on top
+/// of the reward it earns (0 unless set), so that moves which buy nothing are unlearned
+/// instead of being as good as holding. Seeded; `freeze` stops learning and exploration for
+/// evaluation.
 #[derive(Debug, Clone)]
 pub struct QLearning {
     /// Learning rate α.
@@ -452,8 +455,10 @@ pub struct QLearning {
     pub epsilon_min: f64,
     /// Upper bound on replicas.
     pub max: usize,
+    /// Charged, in learning only, for a decision that changes the replica count.
+    pub move_cost: f64,
     q: Vec<[f64; ACTIONS]>,
-    last: Option<(usize, usize)>,
+    last: Option<(usize, usize, bool)>,
     prev_demand: f64,
     frozen: bool,
     rng: SplitMix64,
@@ -473,6 +478,7 @@ impl QLearning {
             epsilon_decay: 0.9995,
             epsilon_min: 0.02,
             max,
+            move_cost: 0.0,
             q: vec![[-100.0; ACTIONS]; UTIL_BUCKETS * 4 * TRENDS],
             last: None,
             prev_demand: 0.0,
@@ -541,10 +547,11 @@ impl Policy for QLearning {
     fn decide(&mut self, _now: f64, obs: &Observation) -> usize {
         let s = self.state(obs);
         if !self.frozen
-            && let Some((ps, pa)) = self.last
+            && let Some((ps, pa, moved)) = self.last
         {
+            let cost = if moved { self.move_cost } else { 0.0 };
             let target =
-                obs.reward + self.gamma * self.q[s].iter().copied().fold(f64::MIN, f64::max);
+                obs.reward - cost + self.gamma * self.q[s].iter().copied().fold(f64::MIN, f64::max);
             self.q[ps][pa] += self.alpha * (target - self.q[ps][pa]);
         }
         let explore = !self.frozen && self.rng.next_f64() < self.epsilon;
@@ -553,14 +560,15 @@ impl Policy for QLearning {
         } else {
             self.best(s)
         };
-        if !self.frozen {
-            self.epsilon = (self.epsilon * self.epsilon_decay).max(self.epsilon_min);
-            self.last = Some((s, action));
-        }
         self.prev_demand = obs.demand;
         // Like Knative's activator: demand with no replica at all always gets one.
         let floor = usize::from(obs.demand > 0.0);
-        self.apply(action, obs).max(floor)
+        let next = self.apply(action, obs).max(floor);
+        if !self.frozen {
+            self.epsilon = (self.epsilon * self.epsilon_decay).max(self.epsilon_min);
+            self.last = Some((s, action, next != obs.replicas));
+        }
+        next
     }
 }
 
@@ -723,6 +731,32 @@ mod tests {
             },
         );
         assert_eq!(q.q, before, "a frozen learner does not learn");
+    }
+
+    #[test]
+    fn q_learning_charges_its_move_cost_only_for_moves() {
+        let mut q = QLearning::new(100, 7);
+        q.alpha = 1.0;
+        q.gamma = 0.0;
+        q.epsilon = 0.0;
+        q.epsilon_min = 0.0;
+        q.move_cost = 0.6;
+        let first = obs(10.0, 2, 2);
+        let s = q.state(&first);
+        // Hold (the greedy choice when all values are equal): Q ← r.
+        assert_eq!(q.decide(0.0, &first), 2);
+        let held = Observation {
+            reward: -2.0,
+            ..first
+        };
+        q.decide(1.0, &held);
+        assert!((q.q[s][1] - -2.0).abs() < 1e-12, "{}", q.q[s][1]);
+        // Make "add one" the best action in the state, take it, and pay for it: Q ← r − 0.6.
+        q.q[s][2] = 0.0;
+        q.reset_episode();
+        assert_eq!(q.decide(2.0, &first), 3);
+        q.decide(3.0, &held);
+        assert!((q.q[s][2] - -2.6).abs() < 1e-12, "{}", q.q[s][2]);
     }
 
     #[test]
