@@ -696,13 +696,19 @@ mod tests {
         assert_eq!(p.decide(40.0, &obs(5.0, 12, 12)), 11);
     }
 
-    #[test]
-    fn q_learning_applies_its_update_rule() {
+    /// A learner that never explores, with learning rate `alpha` and discount `gamma`.
+    fn greedy_learner(alpha: f64, gamma: f64) -> QLearning {
         let mut q = QLearning::new(100, 7);
-        q.alpha = 0.5;
-        q.gamma = 0.9;
+        q.alpha = alpha;
+        q.gamma = gamma;
         q.epsilon = 0.0;
         q.epsilon_min = 0.0;
+        q
+    }
+
+    #[test]
+    fn q_learning_applies_its_update_rule() {
+        let mut q = greedy_learner(0.5, 0.9);
         let first = obs(10.0, 2, 2);
         let s = q.state(&first);
         // All values start at −100: the greedy choice is "hold" (index 1), keeping 2 replicas.
@@ -735,11 +741,7 @@ mod tests {
 
     #[test]
     fn q_learning_charges_its_move_cost_only_for_moves() {
-        let mut q = QLearning::new(100, 7);
-        q.alpha = 1.0;
-        q.gamma = 0.0;
-        q.epsilon = 0.0;
-        q.epsilon_min = 0.0;
+        let mut q = greedy_learner(1.0, 0.0);
         q.move_cost = 0.6;
         let first = obs(10.0, 2, 2);
         let s = q.state(&first);
