@@ -375,6 +375,9 @@ pub struct BurstOutcome {
     pub counters: std::collections::BTreeMap<String, u64>,
     /// Replicas ready while there was no burst yet (steady load below capacity).
     pub ready_before: u64,
+    /// Seconds from the start of the ramp to the first replica started (the hub's first
+    /// scale-out).
+    pub first_started: Option<f64>,
     /// Seconds from the start of the ramp to the first ready replica.
     pub first_ready: Option<f64>,
     /// Most replicas ready at once.
@@ -472,7 +475,8 @@ pub async fn burst(
             let start = Instant::now();
             let mut samples = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                samples.push((start.elapsed().as_secs_f64(), models(&hub).0));
+                let (ready, existing) = models(&hub);
+                samples.push((start.elapsed().as_secs_f64(), ready, existing));
                 std::thread::sleep(Duration::from_millis(100));
             }
             samples
@@ -500,6 +504,7 @@ pub async fn burst(
     let samples = watcher
         .join()
         .map_err(|_| anyhow::anyhow!("the watcher panicked"))?;
+    let first_started = samples.iter().find(|s| s.2 > 0).map(|s| s.0 - CALM);
     let first_ready = samples.iter().find(|s| s.1 > 0).map(|s| s.0 - CALM);
     let peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
     let decisions = hub.get("/api/v1/decisions")?;
@@ -512,6 +517,7 @@ pub async fn burst(
         counters: burst.counters(),
         report,
         ready_before,
+        first_started,
         first_ready,
         peak,
         decisions,
