@@ -429,8 +429,12 @@ impl Policy for Predictive {
 
 /// Tabular Q-learning: Q(s,a) ← Q(s,a) + α[r + γ·max Q(s',a') − Q(s,a)], ε-greedy with decay.
 ///
-/// State: utilisation bucket, backlog or not, replicas warming or not, demand trend
-/// (falling, flat, rising). Actions: remove one replica, hold, add one, or match the demand
+/// State: utilisation bucket, backlog (none, one the ready replicas clear within a second,
+/// or a longer one), replicas warming or not, demand trend (falling, flat, rising). A long
+/// backlog is a state of its own because capacity that only matches the demand never clears
+/// it: with one "backlog" state, a learner that had met only short ones held at that
+/// capacity behind a backlog it had built in a cold start, and missed the SLO for the rest
+/// of the run. Actions: remove one replica, hold, add one, or match the demand
 /// at 70 % utilisation (what a reactive autoscaler would do), so the learner chooses *when* to
 /// act rather than rediscovering how much. Q-values start at −100: below what a state that
 /// meets the SLO is worth, so there an action never tried does not look better than one that
@@ -467,6 +471,7 @@ pub struct QLearning {
 const ACTIONS: usize = 4;
 const UTIL_BUCKETS: usize = 8;
 const TRENDS: usize = 3;
+const BACKLOGS: usize = 3;
 
 impl QLearning {
     /// A fresh learner with a seed.
@@ -479,7 +484,7 @@ impl QLearning {
             epsilon_min: 0.02,
             max,
             move_cost: 0.0,
-            q: vec![[-100.0; ACTIONS]; UTIL_BUCKETS * 4 * TRENDS],
+            q: vec![[-100.0; ACTIONS]; UTIL_BUCKETS * BACKLOGS * 2 * TRENDS],
             last: None,
             prev_demand: 0.0,
             frozen: false,
@@ -509,7 +514,14 @@ impl QLearning {
         };
         let edges = [0.05, 0.3, 0.5, 0.65, 0.8, 0.95, 1.2];
         let ub = edges.iter().take_while(|e| u >= **e).count();
-        let backlog = usize::from(obs.queue > 0.0);
+        // No backlog, one the ready replicas clear within a second, or a longer one.
+        let backlog = if obs.queue <= 0.0 {
+            0
+        } else if obs.queue <= obs.ready as f64 * obs.capacity {
+            1
+        } else {
+            2
+        };
         let warming = usize::from(obs.ready < obs.replicas);
         let change = obs.demand - self.prev_demand;
         let tb = if change > 0.05 * self.prev_demand.max(1.0) {
@@ -519,7 +531,7 @@ impl QLearning {
         } else {
             1
         };
-        ((ub * 2 + backlog) * 2 + warming) * TRENDS + tb
+        ((ub * BACKLOGS + backlog) * 2 + warming) * TRENDS + tb
     }
 
     fn apply(&self, action: usize, obs: &Observation) -> usize {
@@ -759,6 +771,23 @@ mod tests {
         assert_eq!(q.decide(2.0, &first), 3);
         q.decide(3.0, &held);
         assert!((q.q[s][2] - -2.6).abs() < 1e-12, "{}", q.q[s][2]);
+    }
+
+    #[test]
+    fn q_learning_tells_a_long_backlog_from_a_short_one() {
+        let q = greedy_learner(0.5, 0.9);
+        let at = |queue: f64| {
+            q.state(&Observation {
+                queue,
+                ..obs(20.0, 2, 2)
+            })
+        };
+        // 2 ready replicas of 10 req/s clear 20 requests within a second, not 21.
+        let (none, short, long) = (at(0.0), at(20.0), at(21.0));
+        assert_ne!(none, short);
+        assert_ne!(short, long);
+        assert_ne!(none, long);
+        assert!(long < q.q.len());
     }
 
     #[test]
