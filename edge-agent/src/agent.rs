@@ -22,6 +22,7 @@ use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::Batcher;
 use crate::config::AgentConfig;
 use crate::hub::HubContext;
 use crate::ingest::Ingest;
@@ -150,10 +151,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         Arc::clone(&shared.counters),
     )));
     drop(results_tx);
+    // Room in each message for the topic and the MQTT header.
+    let batching = (config.mqtt.result_batch > 1).then(|| {
+        Batcher::new(
+            config.mqtt.result_batch,
+            config.mqtt.max_packet_bytes.saturating_sub(1024),
+            Duration::from_millis(config.mqtt.result_linger_ms),
+        )
+    });
     let publisher = tokio::spawn(publish_results(
         client.clone(),
         results_rx,
         Arc::clone(&shared),
+        batching,
     ));
 
     let status_stop = CancellationToken::new();
@@ -513,18 +523,65 @@ async fn publish_results(
     client: AsyncClient,
     mut results: tokio::sync::mpsc::Receiver<Outgoing>,
     shared: Arc<Shared>,
+    batching: Option<Batcher>,
 ) {
-    while let Some(Outgoing { topic, payload }) = results.recv().await {
-        match client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-        {
-            Ok(()) => {
-                shared.qos1_sent.fetch_add(1, Ordering::Relaxed);
-                Counters::bump(&shared.counters.results_published);
-            }
-            Err(e) => tracing::error!("MQTT client closed, result lost: {e}"),
+    let Some(mut batcher) = batching else {
+        while let Some(Outgoing { topic, payload }) = results.recv().await {
+            publish_result(&client, &shared, topic, payload, 1).await;
         }
+        return;
+    };
+    loop {
+        let next = match batcher.next_due() {
+            None => results.recv().await,
+            Some(due) => tokio::select! {
+                next = results.recv() => next,
+                () = tokio::time::sleep_until(due.into()) => {
+                    for b in batcher.take_due(Instant::now()) {
+                        publish_result(&client, &shared, b.topic, b.payload, b.results).await;
+                    }
+                    continue;
+                }
+            },
+        };
+        let Some(first) = next else { break };
+        // Take every result that is ready before publishing, so batches fill under load.
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        ready.extend(batcher.push(first, now));
+        while let Ok(more) = results.try_recv() {
+            ready.extend(batcher.push(more, now));
+        }
+        ready.extend(batcher.take_due(now));
+        for b in ready {
+            publish_result(&client, &shared, b.topic, b.payload, b.results).await;
+        }
+    }
+    for b in batcher.take_all() {
+        publish_result(&client, &shared, b.topic, b.payload, b.results).await;
+    }
+}
+
+/// Publishes one result message carrying `results` results.
+async fn publish_result(
+    client: &AsyncClient,
+    shared: &Shared,
+    topic: String,
+    payload: Vec<u8>,
+    results: usize,
+) {
+    match client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await
+    {
+        Ok(()) => {
+            shared.qos1_sent.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .results_published
+                .fetch_add(results as u64, Ordering::Relaxed);
+        }
+        Err(e) => tracing::error!("MQTT client closed, {results} result(s) lost: {e}"),
     }
 }
 

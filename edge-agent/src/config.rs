@@ -240,6 +240,15 @@ pub struct MqttSection {
     /// Requests buffered towards the broker while it is slow or away.
     #[serde(default = "default_request_capacity")]
     pub request_capacity: usize,
+    /// Results per message on a sensor's `inference` topic. 1 (the default) publishes each
+    /// result as its own JSON object; above 1, every message is a JSON array of one to this
+    /// many results of that sensor, oldest first.
+    #[serde(default = "default_result_batch")]
+    pub result_batch: usize,
+    /// With `result_batch` above 1, how long a result may wait for others of its sensor
+    /// before its batch is published anyway (0: publish what is ready, never wait).
+    #[serde(default = "default_result_linger_ms")]
+    pub result_linger_ms: u64,
 }
 
 impl Default for MqttSection {
@@ -255,6 +264,8 @@ impl Default for MqttSection {
             reconnect_max_ms: default_reconnect_max_ms(),
             max_packet_bytes: default_max_packet_bytes(),
             request_capacity: default_request_capacity(),
+            result_batch: default_result_batch(),
+            result_linger_ms: default_result_linger_ms(),
         }
     }
 }
@@ -470,6 +481,14 @@ fn default_max_packet_bytes() -> usize {
 fn default_request_capacity() -> usize {
     1024
 }
+fn default_result_batch() -> usize {
+    1
+}
+fn default_result_linger_ms() -> u64 {
+    5
+}
+/// Most results one batch message may carry.
+pub const MAX_RESULT_BATCH: usize = 1024;
 fn default_version() -> u32 {
     1
 }
@@ -591,6 +610,14 @@ impl AgentConfig {
         }
         if m.request_capacity == 0 {
             problems.push("mqtt.request_capacity must be at least 1".into());
+        }
+        if !(1..=MAX_RESULT_BATCH).contains(&m.result_batch) {
+            problems.push(format!(
+                "mqtt.result_batch must be in 1..={MAX_RESULT_BATCH}"
+            ));
+        }
+        if m.result_linger_ms > 1000 {
+            problems.push("mqtt.result_linger_ms must be at most 1000".into());
         }
         if self.models.is_empty() {
             problems.push("at least one [[models]] entry is needed".into());
@@ -865,6 +892,25 @@ mod tests {
         assert_eq!(off.offload_mode(), models::offload::Mode::Off);
         let bad_mode = format!("{MINIMAL}\n[offload]\nmode = \"sometimes\"\n");
         assert!(AgentConfig::from_toml_str(&bad_mode, no_env()).is_err());
+    }
+
+    #[test]
+    fn results_go_one_per_message_unless_batching_is_asked_for() {
+        let c = AgentConfig::from_toml_str(MINIMAL, no_env()).expect("valid");
+        assert_eq!(c.mqtt.result_batch, 1);
+        let batched = format!("{MINIMAL}\n[mqtt]\nresult_batch = 64\nresult_linger_ms = 2\n");
+        let c = AgentConfig::from_toml_str(&batched, no_env()).expect("valid");
+        assert_eq!((c.mqtt.result_batch, c.mqtt.result_linger_ms), (64, 2));
+        for bad in [
+            "result_batch = 0",
+            "result_batch = 1025",
+            "result_linger_ms = 1001",
+        ] {
+            let toml = format!("{MINIMAL}\n[mqtt]\n{bad}\n");
+            let err = AgentConfig::from_toml_str(&toml, no_env()).expect_err(bad);
+            let key = bad.split(' ').next().unwrap_or_default();
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! the forecast says the gateway will saturate or the queue would miss the SLO, to a cloud
 //! replica through [`offload::Offload`] (QUIC, mutual TLS, power of two choices, fallback to
 //! local on any failure). Results go back through a bounded channel to a
-//! publisher task (MQTT QoS 1). Every bound is explicit, so overload turns into counted
+//! publisher task (MQTT QoS 1), one message per result or, with `mqtt.result_batch`, one per
+//! sensor's [`batch::Batch`] of them. Every bound is explicit, so overload turns into counted
 //! shedding ([`telemetry::Counters`]) instead of memory growth, and bad input is refused with
 //! a counter and a rate-limited log line while every other sensor keeps flowing.
 //!
@@ -27,6 +28,7 @@
 //! to fetch.
 
 pub mod agent;
+pub mod batch;
 pub mod config;
 pub mod cpu_quota;
 pub mod hub;

@@ -3,6 +3,10 @@
 //! Topics: sensors publish to `spillway/<site>/<gateway>/<sensor>/data`; the agent answers each
 //! window on `…/<sensor>/inference` and keeps a retained status on
 //! `spillway/<site>/<gateway>/status`, whose last will is [`OFFLINE`].
+//!
+//! A result message is one [`InferenceResult`] as a JSON object, or, where the agent batches
+//! its results, a JSON array of them for one sensor, oldest first; [`decode_results`] reads
+//! both.
 
 use std::collections::BTreeMap;
 
@@ -91,6 +95,31 @@ pub struct InferenceResult {
     pub outputs: BTreeMap<String, Vec<f32>>,
 }
 
+/// Joins results already encoded as JSON objects into one batch message: a JSON array of
+/// them, in the order given.
+pub fn encode_result_batch<'a>(encoded: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = vec![b'['];
+    for (i, result) in encoded.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(result);
+    }
+    out.push(b']');
+    out
+}
+
+/// The results one message on an `inference` topic carries: one for a JSON object, each
+/// element's for a JSON array.
+pub fn decode_results(payload: &[u8]) -> Result<Vec<InferenceResult>, serde_json::Error> {
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        serde_json::from_slice(payload)
+    } else {
+        serde_json::from_slice(payload).map(|one| vec![one])
+    }
+}
+
 /// The agent's retained status.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -162,4 +191,54 @@ pub struct ReplicaStatus {
     pub latency_us: u64,
     /// Requests waiting on it.
     pub in_flight: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(id: u64) -> InferenceResult {
+        InferenceResult {
+            id,
+            sensor: "s1".into(),
+            model: "m".into(),
+            version: 2,
+            route: Route::Local,
+            ts: 1.5,
+            latency_us: 40,
+            score: 0.25,
+            anomaly: false,
+            outputs: BTreeMap::from([("score".to_owned(), vec![0.25])]),
+        }
+    }
+
+    #[test]
+    fn a_single_result_and_a_batch_decode_to_the_results_in_order() {
+        let one = serde_json::to_vec(&result(7)).expect("encodes");
+        assert_eq!(decode_results(&one).expect("decodes"), vec![result(7)]);
+
+        let parts: Vec<Vec<u8>> = (1..=3)
+            .map(|id| serde_json::to_vec(&result(id)).expect("encodes"))
+            .collect();
+        let batch = encode_result_batch(parts.iter().map(Vec::as_slice));
+        assert_eq!(batch.first(), Some(&b'['));
+        let ids: Vec<u64> = decode_results(&batch)
+            .expect("decodes")
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert_eq!(
+            decode_results(&encode_result_batch([])).expect("decodes"),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_batch_with_one_bad_element_is_refused_whole() {
+        let good = serde_json::to_vec(&result(1)).expect("encodes");
+        let batch = encode_result_batch([good.as_slice(), br#"{"id":2}"#.as_slice()]);
+        assert!(decode_results(&batch).is_err());
+        assert!(decode_results(b"not json").is_err());
+    }
 }

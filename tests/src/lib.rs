@@ -23,7 +23,7 @@ pub mod hub;
 pub mod load;
 
 use anyhow::{Context, bail};
-use protocol::edge::{InferenceResult, Status};
+use protocol::edge::{InferenceResult, Status, decode_results};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 /// A free TCP port on loopback (bound, then released).
@@ -278,6 +278,8 @@ pub struct Collected {
     pub received: Vec<f64>,
     /// Connection errors of the listening client (each may lose messages in flight).
     pub errors: Vec<String>,
+    /// Messages on inference topics that parsed (one result each, or a batch of them).
+    pub messages: usize,
     /// Payloads on inference topics that did not parse.
     pub unparsable: usize,
     /// The last status message (None until one arrives).
@@ -330,10 +332,12 @@ impl Listener {
                                 c.status = Some(status);
                             }
                         } else {
-                            match serde_json::from_slice::<InferenceResult>(&p.payload) {
-                                Ok(r) => {
-                                    c.results.push(r);
-                                    c.received.push(fleet::unix_now());
+                            match decode_results(&p.payload) {
+                                Ok(results) => {
+                                    let now = fleet::unix_now();
+                                    c.messages += 1;
+                                    c.received.extend(results.iter().map(|_| now));
+                                    c.results.extend(results);
                                 }
                                 Err(_) => c.unparsable += 1,
                             }

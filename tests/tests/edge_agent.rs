@@ -87,6 +87,98 @@ async fn every_window_in_every_format_yields_exactly_one_correct_result() -> any
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_payloads_and_batched_results_answer_every_window_once() -> anyhow::Result<()> {
+    let Some(mosquitto) = require_mosquitto() else {
+        return Ok(());
+    };
+    let broker = Broker::shared_or_start(&mosquitto)?;
+    let gateway = "gw-batch";
+    let _agent = Agent::start(
+        &agent_config(broker.port(), gateway, "queue_capacity = 16384"),
+        &[
+            ("SPILLWAY__MQTT__RESULT_BATCH", "16"),
+            ("SPILLWAY__MQTT__RESULT_LINGER_MS", "5"),
+        ],
+    )?;
+    let listener = Listener::start(broker.port(), "test", gateway).await?;
+    listener
+        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
+        .await;
+    let publisher = Publisher::connect(broker.port()).await?;
+    let reference = reference("vibration-ae")?;
+
+    // Each payload carries four back-to-back windows of one sensor, as plain JSON or SenML
+    // CBOR; its windows share the payload's time stamp and are told apart by their order.
+    const PAYLOADS: usize = 2_000;
+    const PER_PAYLOAD: usize = 4;
+    const SENSORS: usize = 10;
+    let mut expected: HashMap<(String, u64), Vec<f32>> = HashMap::new();
+    for p in 0..PAYLOADS {
+        let sensor = format!("s{:02}", p % SENSORS);
+        let ts = 1_800_000_000.0 + p as f64;
+        let probes: Vec<usize> = (0..PER_PAYLOAD)
+            .map(|k| (p * PER_PAYLOAD + k) % reference.windows.len())
+            .collect();
+        let samples: Vec<f32> = probes
+            .iter()
+            .flat_map(|&i| reference.windows[i].iter().copied())
+            .collect();
+        let bytes = if p % 2 == 0 {
+            encode_plain_json(&samples, ts)
+        } else {
+            encode_senml_cbor(&samples, ts, SAMPLE_PERIOD)
+        };
+        let scores = probes.iter().map(|&i| reference.scores[i]).collect();
+        expected.insert((sensor.clone(), ts as u64), scores);
+        publisher
+            .publish(&data_topic(gateway, &sensor), bytes)
+            .await?;
+    }
+    let windows = PAYLOADS * PER_PAYLOAD;
+    let complete = listener
+        .wait_until(Duration::from_secs(120), |c| c.results.len() >= windows)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    listener.with(|c| {
+        assert_eq!(c.unparsable, 0);
+        assert!(complete, "{} of {windows} results arrived", c.results.len());
+        assert_eq!(c.results.len(), windows, "windows answered more than once");
+        // Results of one payload, in the order the agent numbered its windows.
+        let mut got: BTreeMap<(String, u64), Vec<(u64, f32)>> = BTreeMap::new();
+        for r in &c.results {
+            got.entry((r.sensor.clone(), r.ts as u64))
+                .or_default()
+                .push((r.id, r.score));
+        }
+        for (key, want) in &expected {
+            let mut results = got.remove(key).unwrap_or_default();
+            results.sort_by_key(|(id, _)| *id);
+            let scores: Vec<f32> = results.iter().map(|(_, s)| *s).collect();
+            assert_eq!(scores.len(), want.len(), "{key:?}: {scores:?}");
+            for (s, w) in scores.iter().zip(want) {
+                assert!(
+                    (s - w).abs() <= 1e-4,
+                    "{key:?}: agent {s} vs onnxruntime {w}"
+                );
+            }
+        }
+        assert!(
+            got.is_empty(),
+            "results for windows never sent: {:?}",
+            got.keys()
+        );
+        assert!(
+            c.messages * 2 <= windows,
+            "{} result messages for {windows} windows: not batched",
+            c.messages
+        );
+        eprintln!("{windows} windows answered in {} messages", c.messages);
+    });
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_third_party_client_is_served() -> anyhow::Result<()> {
     let Some(mosquitto) = require_mosquitto() else {
         return Ok(());

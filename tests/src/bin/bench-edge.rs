@@ -16,6 +16,12 @@
 //! the collector and the agent's other threads) on the remaining cores, so that the ratio
 //! shows whether the agent keeps its inference threads as busy as the raw loop does when
 //! its I/O has CPU of its own. The Python agent is left out of such a run.
+//!
+//! `--batch K` publishes up to K back-to-back windows of one sensor per payload (as many as
+//! fit the agent's 1,024 samples) and runs the agent with `mqtt.result_batch = 64` and
+//! `result_linger_ms = 5`, so that the broker carries a message per K windows each way
+//! instead of one per window. The Python agent, which reads one window per message, is left
+//! out. `--windows-ae 0` or `--windows-cnn 0` leaves a model out.
 
 #![allow(clippy::disallowed_methods)] // a benchmark reads the clock
 
@@ -28,6 +34,9 @@ use models::{LoadedModel, zoo};
 use protocol::payload::{encode_plain_cbor, encode_plain_json};
 use spillway_tests::load::median;
 use spillway_tests::{Agent, Broker, Listener, Publisher, mosquitto_path, reference};
+
+/// Most samples the agent takes in one payload.
+const MAX_SAMPLES: usize = 1024;
 
 struct Row {
     model: &'static str,
@@ -57,6 +66,7 @@ fn main() -> anyhow::Result<()> {
     // `--cbor`: publish the plain form as CBOR instead of JSON (the Python agent reads JSON
     // only, so its columns are skipped).
     let cbor = args.iter().any(|a| a == "--cbor");
+    let batch = arg("--batch", 1).max(1);
     let pinning = if args.iter().any(|a| a == "--pin") {
         let pinning = Pinning::new(workers)?;
         // Threads and child processes inherit the main thread's cores.
@@ -67,7 +77,7 @@ fn main() -> anyhow::Result<()> {
     };
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mosquitto = mosquitto_path().context("mosquitto is needed (apt-get install mosquitto)")?;
-    let python = python_ready(&repo) && !cbor && pinning.is_none();
+    let python = python_ready(&repo) && !cbor && pinning.is_none() && batch == 1;
     if !python {
         eprintln!("python3 with paho-mqtt and onnxruntime not found: Python columns skipped");
     }
@@ -81,6 +91,9 @@ fn main() -> anyhow::Result<()> {
         (zoo::VIBRATION_AE, arg("--windows-ae", 20_000)),
         (zoo::BEARING_CNN, arg("--windows-cnn", 30_000)),
     ] {
+        if windows == 0 {
+            continue;
+        }
         eprintln!("{}: raw tract loop", model.name);
         let raw = raw_tract(model, workers, windows, pinning.as_ref())?;
         eprintln!("{}: edge-agent end to end", model.name);
@@ -88,7 +101,7 @@ fn main() -> anyhow::Result<()> {
             &mosquitto,
             Target::Agent { model, workers },
             windows,
-            cbor,
+            Wire { cbor, batch },
             pinning.as_ref(),
         ))?;
         let python_row = if python {
@@ -101,7 +114,10 @@ fn main() -> anyhow::Result<()> {
                     repo: &repo,
                 },
                 windows,
-                false,
+                Wire {
+                    cbor: false,
+                    batch: 1,
+                },
                 None,
             ))?)
         } else {
@@ -123,8 +139,13 @@ fn main() -> anyhow::Result<()> {
         ),
         None => String::new(),
     };
+    let batching = if batch > 1 {
+        format!(", up to {batch} windows per payload, results batched (`result_batch = 64`)")
+    } else {
+        String::new()
+    };
     println!(
-        "\n### Throughput with {workers} worker threads{placement}, {format} payloads (median of 3 runs each)\n"
+        "\n### Throughput with {workers} worker threads{placement}, {format} payloads{batching} (median of 3 runs each)\n"
     );
     println!(
         "| model | raw tract loop, windows/s | edge-agent end to end, windows/s | agent ÷ raw | CPU per window: raw / agent (µs) | raw ÷ agent CPU | Python agent, windows/s | agent ÷ Python | agent RSS | Python RSS |"
@@ -308,13 +329,22 @@ enum Target<'a> {
     },
 }
 
+/// How windows travel to the agent and results back.
+#[derive(Debug, Clone, Copy)]
+struct Wire {
+    /// Payloads in plain CBOR instead of plain JSON.
+    cbor: bool,
+    /// Windows per payload at most, and batched results when above 1.
+    batch: usize,
+}
+
 /// Windows per second through broker → agent → broker, the agent's CPU time per window and
 /// its peak RSS (MB); the median of 3 runs.
 async fn end_to_end(
     mosquitto: &Path,
     target: Target<'_>,
     windows: usize,
-    cbor: bool,
+    wire: Wire,
     pinning: Option<&Pinning>,
 ) -> anyhow::Result<Run> {
     let mut rates = Vec::new();
@@ -325,9 +355,14 @@ async fn end_to_end(
         let gateway = format!("bench{run}");
         let (model, mut process) = match &target {
             Target::Agent { model, workers } => {
+                let results = if wire.batch > 1 {
+                    "result_batch = 64\nresult_linger_ms = 5\n"
+                } else {
+                    ""
+                };
                 let config = format!(
                     "[agent]\nsite = \"bench\"\ngateway = \"{gateway}\"\nworkers = {workers}\nqueue_capacity = 65536\n\
-                     [mqtt]\nport = {}\n[[models]]\nname = \"m\"\nzoo = \"{}\"\n[sensors]\ndefault_model = \"m\"\n",
+                     [mqtt]\nport = {}\n{results}[[models]]\nname = \"m\"\nzoo = \"{}\"\n[sensors]\ndefault_model = \"m\"\n",
                     broker.port(),
                     model.name
                 );
@@ -379,22 +414,31 @@ async fn end_to_end(
         }
         let publisher = Publisher::connect(broker.port()).await?;
         let reference = reference(model.name)?;
-        let payloads: Vec<Vec<u8>> = reference
-            .windows
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                if cbor {
-                    encode_plain_cbor(w, i as f64)
+        // Back-to-back windows of the reference set, `per_payload` to a message.
+        let window_len = reference.windows[0].len();
+        let per_payload = wire.batch.min(MAX_SAMPLES / window_len).max(1);
+        let messages = windows.div_ceil(per_payload);
+        let payloads: Vec<Vec<u8>> = (0..reference.windows.len())
+            .map(|i| {
+                let samples: Vec<f32> = (0..per_payload)
+                    .flat_map(|k| {
+                        reference.windows[(i + k) % reference.windows.len()]
+                            .iter()
+                            .copied()
+                    })
+                    .collect();
+                if wire.cbor {
+                    encode_plain_cbor(&samples, i as f64)
                 } else {
-                    encode_plain_json(w, i as f64)
+                    encode_plain_json(&samples, i as f64)
                 }
             })
             .collect();
+        let windows = messages * per_payload;
         let pid = process.pid().context("the agent under test exited")?;
         let cpu_start = cpu_secs(pid);
         let start = Instant::now();
-        for i in 0..windows {
+        for i in 0..messages {
             let topic = format!("spillway/bench/{gateway}/s{:02}/data", i % 20);
             publisher
                 .publish(&topic, payloads[i % payloads.len()].clone())
