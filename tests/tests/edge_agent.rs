@@ -25,6 +25,26 @@ fn data_topic(gateway: &str, sensor: &str) -> String {
     format!("spillway/test/{gateway}/{sensor}/data")
 }
 
+/// Starts an agent for `gateway` and a listener on its topics, waits until the listener has
+/// the agent's status, and connects a publisher.
+async fn online(
+    port: u16,
+    gateway: &str,
+    config: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Agent, Listener, Publisher)> {
+    let agent = Agent::start(config, env)?;
+    let listener = Listener::start(port, "test", gateway).await?;
+    anyhow::ensure!(
+        listener
+            .wait_until(Duration::from_secs(20), |c| c.status.is_some())
+            .await,
+        "the agent of {gateway} did not come online"
+    );
+    let publisher = Publisher::connect(port).await?;
+    Ok((agent, listener, publisher))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_window_in_every_format_yields_exactly_one_correct_result() -> anyhow::Result<()> {
     let Some(mosquitto) = require_mosquitto() else {
@@ -32,15 +52,13 @@ async fn every_window_in_every_format_yields_exactly_one_correct_result() -> any
     };
     let broker = Broker::shared_or_start(&mosquitto)?;
     let gateway = "gw-all";
-    let _agent = Agent::start(
+    let (_agent, listener, publisher) = online(
+        broker.port(),
+        gateway,
         &agent_config(broker.port(), gateway, "queue_capacity = 16384"),
         &[],
-    )?;
-    let listener = Listener::start(broker.port(), "test", gateway).await?;
-    listener
-        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
-        .await;
-    let publisher = Publisher::connect(broker.port()).await?;
+    )
+    .await?;
     let reference = reference("vibration-ae")?;
 
     const WINDOWS: usize = 10_000;
@@ -93,18 +111,16 @@ async fn batched_payloads_and_batched_results_answer_every_window_once() -> anyh
     };
     let broker = Broker::shared_or_start(&mosquitto)?;
     let gateway = "gw-batch";
-    let _agent = Agent::start(
+    let (_agent, listener, publisher) = online(
+        broker.port(),
+        gateway,
         &agent_config(broker.port(), gateway, "queue_capacity = 16384"),
         &[
             ("SPILLWAY__MQTT__RESULT_BATCH", "16"),
             ("SPILLWAY__MQTT__RESULT_LINGER_MS", "5"),
         ],
-    )?;
-    let listener = Listener::start(broker.port(), "test", gateway).await?;
-    listener
-        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
-        .await;
-    let publisher = Publisher::connect(broker.port()).await?;
+    )
+    .await?;
     let reference = reference("vibration-ae")?;
 
     // Each payload carries four back-to-back windows of one sensor, as plain JSON or SenML
@@ -250,12 +266,7 @@ async fn bad_input_is_counted_and_other_sensors_keep_flowing() -> anyhow::Result
         "default_model = \"vibration-ae\"",
         "assign = { good1 = \"vibration-ae\", good2 = \"vibration-ae\", bad = \"vibration-ae\" }",
     );
-    let agent = Agent::start(&config, &[])?;
-    let listener = Listener::start(broker.port(), "test", gateway).await?;
-    listener
-        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
-        .await;
-    let publisher = Publisher::connect(broker.port()).await?;
+    let (agent, listener, publisher) = online(broker.port(), gateway, &config, &[]).await?;
     let reference = reference("vibration-ae")?;
 
     let bad_topic = data_topic(gateway, "bad");
@@ -355,12 +366,7 @@ async fn overload_is_shed_and_counted_and_memory_stays_bounded() -> anyhow::Resu
             "zoo = \"vibration-ae\"",
             "zoo = \"bearing-cnn\"\nstride = 8",
         );
-    let _agent = Agent::start(&config, &[])?;
-    let listener = Listener::start(broker.port(), "test", gateway).await?;
-    listener
-        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
-        .await;
-    let publisher = Publisher::connect(broker.port()).await?;
+    let (_agent, listener, publisher) = online(broker.port(), gateway, &config, &[]).await?;
     let reference = reference("bearing-cnn")?;
     // With a stride of 8, each 1,024-sample message completes 128 windows.
     const SENSORS: usize = 4;
@@ -406,12 +412,7 @@ async fn sigterm_drains_in_flight_work_and_leaves_an_offline_status() -> anyhow:
     let gateway = "gw-stop";
     let config = agent_config(broker.port(), gateway, "queue_capacity = 4096")
         .replace("zoo = \"vibration-ae\"", "zoo = \"bearing-cnn\"");
-    let mut agent = Agent::start(&config, &[])?;
-    let listener = Listener::start(broker.port(), "test", gateway).await?;
-    listener
-        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
-        .await;
-    let publisher = Publisher::connect(broker.port()).await?;
+    let (mut agent, listener, publisher) = online(broker.port(), gateway, &config, &[]).await?;
     let reference = reference("bearing-cnn")?;
     for i in 0..600 {
         let (_, bytes) = payload(i, &reference.windows[i % reference.windows.len()]);

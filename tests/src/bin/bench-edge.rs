@@ -4,7 +4,8 @@
 //! 1. a raw tract loop: `--workers` threads running the optimised model over the reference
 //!    windows, nothing else;
 //! 2. `edge-agent` end to end: mosquitto on loopback → agent → mosquitto, windows published
-//!    as fast as QoS 1 allows by one client while another collects the results;
+//!    as fast as QoS 1 allows by one client, never more than half the agent's queue ahead of
+//!    the results another client collects;
 //! 3. the same workload through `bench/python_agent.py` (paho-mqtt + onnxruntime);
 //! 4. single-thread latency of tract and of onnxruntime (`bench/ort_latency.py`).
 //!
@@ -37,6 +38,15 @@ use spillway_tests::{Agent, Broker, Listener, Publisher, mosquitto_path, referen
 
 /// Most samples the agent takes in one payload.
 const MAX_SAMPLES: usize = 1024;
+
+/// The agent runs with a queue of this many windows.
+const QUEUE_CAPACITY: usize = 65_536;
+
+/// Most windows published and not yet answered: half the agent's queue.
+const IN_FLIGHT: usize = QUEUE_CAPACITY / 2;
+
+/// How long the publisher waits for the agent to catch up before it gives up.
+const STALL: Duration = Duration::from_secs(30);
 
 struct Row {
     model: &'static str,
@@ -361,7 +371,7 @@ async fn end_to_end(
                     ""
                 };
                 let config = format!(
-                    "[agent]\nsite = \"bench\"\ngateway = \"{gateway}\"\nworkers = {workers}\nqueue_capacity = 65536\n\
+                    "[agent]\nsite = \"bench\"\ngateway = \"{gateway}\"\nworkers = {workers}\nqueue_capacity = {QUEUE_CAPACITY}\n\
                      [mqtt]\nport = {}\n{results}[[models]]\nname = \"m\"\nzoo = \"{}\"\n[sensors]\ndefault_model = \"m\"\n",
                     broker.port(),
                     model.name
@@ -439,6 +449,19 @@ async fn end_to_end(
         let cpu_start = cpu_secs(pid);
         let start = Instant::now();
         for i in 0..messages {
+            // Closed loop: never more windows on their way than half the agent's queue, so
+            // a publisher faster than the agent measures its throughput instead of its
+            // shedding.
+            let published = i * per_payload;
+            if published >= IN_FLIGHT && published - listener.result_count() > IN_FLIGHT {
+                let answered = published - IN_FLIGHT / 2;
+                if !listener
+                    .wait_until(STALL, |c| c.results.len() >= answered)
+                    .await
+                {
+                    bail!("the agent answered no window for {STALL:?} ({answered} expected)");
+                }
+            }
             let topic = format!("spillway/bench/{gateway}/s{:02}/data", i % 20);
             publisher
                 .publish(&topic, payloads[i % payloads.len()].clone())
