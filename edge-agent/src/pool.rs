@@ -5,9 +5,7 @@
 //! is synchronous and CPU-bound), one per core by default; each turns a window into a
 //! finished, serialised MQTT message and hands it to the publisher through a bounded tokio
 //! channel, so a slow broker backs up into the queue and from there into counted shedding,
-//! never into memory. Under load a worker hands over up to [`HANDOFF_MAX`] results at once
-//! and reads its CPU clock on one inference in sixteen: for a model of a few microseconds,
-//! a wake-up of the publisher and a clock read per window cost as much as the inference. Closing the pool lets the workers finish what is queued, then join.
+//! never into memory. Closing the pool lets the workers finish what is queued, then join.
 
 // The workers time each inference for the router's capacity estimate.
 #![allow(clippy::disallowed_methods)]
@@ -17,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use protocol::edge::{InferenceResult, Route, Topics};
 
 use crate::serving::{ModelSlots, ServedModel};
@@ -143,7 +141,7 @@ impl Pool {
         capacity: usize,
         models: Arc<ModelSlots>,
         topics: Topics,
-        results: tokio::sync::mpsc::Sender<Vec<Outgoing>>,
+        results: tokio::sync::mpsc::Sender<Outgoing>,
         counters: Arc<Counters>,
     ) -> std::io::Result<Pool> {
         let (queue, jobs) = crossbeam_channel::bounded(capacity);
@@ -207,48 +205,17 @@ impl Pool {
     }
 }
 
-/// Most results a worker hands the publisher at once.
-pub const HANDOFF_MAX: usize = 32;
-
-/// Longest a finished result waits in a worker for later ones to go with it. It waits only
-/// while more windows are queued: a worker about to wait for work hands over what it has.
-const HANDOFF_LINGER: Duration = Duration::from_millis(1);
-
-/// A worker reads its thread's CPU clock (a system call, dearer than a small model's
-/// inference is long) around one inference in this many; the others are taken to use CPU in
-/// the proportion to their wall time that the last measured one did.
-const CPU_SAMPLE_EVERY: u32 = 16;
-
 fn work(
     jobs: &Receiver<Job>,
     models: &ModelSlots,
     topics: &Topics,
-    results: &tokio::sync::mpsc::Sender<Vec<Outgoing>>,
+    results: &tokio::sync::mpsc::Sender<Outgoing>,
     counters: &Counters,
     meter: &ServiceMeter,
 ) {
     meter.refresh_quota();
     let mut quota_read = Instant::now();
-    let mut ready = Vec::with_capacity(HANDOFF_MAX);
-    let mut first_ready = quota_read;
-    // CPU time ÷ wall time of the last measured inference; without a thread clock, CPU time
-    // is taken to equal wall time.
-    let mut cpu_share = 1.0;
-    let mut inferences: u32 = 0;
-    loop {
-        let job = match jobs.try_recv() {
-            Ok(job) => job,
-            Err(TryRecvError::Disconnected) => break,
-            Err(TryRecvError::Empty) => {
-                if !hand_off(results, &mut ready, counters) {
-                    return;
-                }
-                match jobs.recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
-            }
-        };
+    while let Ok(job) = jobs.recv() {
         // The version active now serves the whole window, even if a swap comes meanwhile.
         let model = models.get(job.model);
         let started = Instant::now();
@@ -256,21 +223,11 @@ fn work(
             meter.refresh_quota();
             quota_read = started;
         }
-        let clock = if inferences.is_multiple_of(CPU_SAMPLE_EVERY) {
-            cpu_time::ThreadTime::try_now().ok()
-        } else {
-            None
-        };
-        inferences = inferences.wrapping_add(1);
+        let cpu = cpu_time::ThreadTime::try_now().ok();
         let outputs = model.runner.run(&job.window);
         let wall = started.elapsed();
-        let cpu = match clock.and_then(|c| c.try_elapsed().ok()) {
-            Some(cpu) => {
-                cpu_share = (cpu.as_secs_f64() / wall.as_secs_f64().max(1e-9)).clamp(0.0, 1.0);
-                cpu
-            }
-            None => wall.mul_f64(cpu_share),
-        };
+        // Without a thread clock, CPU time is taken to equal wall time.
+        let cpu = cpu.and_then(|c| c.try_elapsed().ok()).unwrap_or(wall);
         meter.record(wall, cpu);
         models.record(job.model, model.version, wall, outputs.is_ok());
         if let (Ok(outputs), Some(shadow)) = (&outputs, models.shadow_for(job.model)) {
@@ -296,37 +253,12 @@ fn work(
         ) else {
             continue;
         };
-        if ready.is_empty() {
-            first_ready = started;
-        }
-        ready.push(outgoing);
-        if (ready.len() >= HANDOFF_MAX || started.duration_since(first_ready) >= HANDOFF_LINGER)
-            && !hand_off(results, &mut ready, counters)
-        {
+        if results.blocking_send(outgoing).is_err() {
+            // The publisher is gone: the agent is stopping and nothing more can be sent.
+            counters.inference_errors.fetch_add(1, Ordering::Relaxed);
             return;
         }
     }
-    hand_off(results, &mut ready, counters);
-}
-
-/// Hands the finished results to the publisher in one message (one wake-up of its task, not
-/// one per result); false when the publisher is gone.
-fn hand_off(
-    results: &tokio::sync::mpsc::Sender<Vec<Outgoing>>,
-    ready: &mut Vec<Outgoing>,
-    counters: &Counters,
-) -> bool {
-    if ready.is_empty() {
-        return true;
-    }
-    let lost = ready.len() as u64;
-    let handed = std::mem::replace(ready, Vec::with_capacity(HANDOFF_MAX));
-    if results.blocking_send(handed).is_err() {
-        // The publisher is gone: the agent is stopping and nothing more can be sent.
-        counters.inference_errors.fetch_add(lost, Ordering::Relaxed);
-        return false;
-    }
-    true
 }
 
 /// Runs `window` on the previous version too and records how far the scores differ.
