@@ -453,7 +453,9 @@ async fn end_to_end(
             // a publisher faster than the agent measures its throughput instead of its
             // shedding.
             let published = i * per_payload;
-            if published >= IN_FLIGHT && published - listener.result_count() > IN_FLIGHT {
+            if published >= IN_FLIGHT
+                && published.saturating_sub(listener.result_count()) > IN_FLIGHT
+            {
                 let answered = published - IN_FLIGHT / 2;
                 if !listener
                     .wait_until(STALL, |c| c.results.len() >= answered)
