@@ -109,6 +109,10 @@ enum Command {
         /// Season of a `--csv` series in rows (0: none).
         #[arg(long, default_value_t = 24)]
         season_rows: usize,
+        /// The predictive policy clears a backlog, projected to the end of the warm-up or
+        /// waiting, within this many seconds (0: it does not size for the backlog).
+        #[arg(long, default_value_t = models::policy::DEFAULT_DRAIN_SECS)]
+        drain_secs: f64,
     },
     /// Score forecasters on the shared series at the replicas' warm-up horizon.
     ForecastEval {
@@ -457,7 +461,13 @@ fn main() -> anyhow::Result<()> {
             rows,
             peak,
             season_rows,
+            drain_secs,
         } => {
+            anyhow::ensure!(
+                drain_secs.is_finite() && drain_secs >= 0.0,
+                "--drain-secs must be a number of seconds, at least 0"
+            );
+            let options = simulate::PolicyOptions { drain_secs };
             let kinds: Vec<PolicyKind> = if policies.is_empty() {
                 PolicyKind::ALL.to_vec()
             } else {
@@ -488,9 +498,10 @@ fn main() -> anyhow::Result<()> {
                 )?);
             }
             let start = Instant::now();
-            let synthetic = simulate::run_matrix(&scenarios[..6], &kinds, seeds, &config);
+            let synthetic = simulate::run_matrix(&scenarios[..6], &kinds, seeds, &config, &options);
             let synthetic_secs = start.elapsed().as_secs_f64();
-            let shared_cells = simulate::run_matrix(&scenarios[6..], &kinds, seeds, &config);
+            let shared_cells =
+                simulate::run_matrix(&scenarios[6..], &kinds, seeds, &config, &options);
             let total_secs = start.elapsed().as_secs_f64();
             let cells: Vec<_> = synthetic.into_iter().chain(shared_cells).collect();
             println!(

@@ -15,7 +15,9 @@ use anyhow::Context;
 use models::forecast::{
     self, Bucketed, Direct, Forecaster, Holt, HoltWinters, Naive, OnlineLinear, SeasonalNaive, Ses,
 };
-use models::policy::{DEFAULT_SMOOTHING, Hpa, Kpa, Policy, Predictive, QLearning, Threshold};
+use models::policy::{
+    DEFAULT_DRAIN_SECS, DEFAULT_SMOOTHING, Hpa, Kpa, Policy, Predictive, QLearning, Threshold,
+};
 use models::sim::{Outcome, SimConfig, simulate, workloads};
 
 /// A workload to run policies on.
@@ -205,24 +207,44 @@ fn threshold() -> Threshold {
     Threshold::new(0.8, 0.4, 30.0, 0)
 }
 
+/// Settings of the policies that the command line can change.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyOptions {
+    /// The predictive policy's `drain_secs` (0: it does not size for the backlog).
+    pub drain_secs: f64,
+}
+
+impl Default for PolicyOptions {
+    fn default() -> Self {
+        PolicyOptions {
+            drain_secs: DEFAULT_DRAIN_SECS,
+        }
+    }
+}
+
 /// Builds a policy for a scenario; Q-learning is trained first.
 pub fn build(
     kind: PolicyKind,
     scenario: &Scenario,
     config: &SimConfig,
+    options: &PolicyOptions,
     seed: u64,
 ) -> Box<dyn Policy> {
     match kind {
         PolicyKind::Threshold => Box::new(threshold()),
         PolicyKind::Hpa => Box::new(Hpa::new(0.7, 1, config.max_replicas)),
         PolicyKind::Kpa => Box::new(Kpa::new(config.max_replicas)),
-        PolicyKind::Predictive => Box::new(Predictive::new(
-            Box::new(Kpa::new(config.max_replicas)),
-            forecaster_for(scenario, config.warmup_secs),
-            config.warmup_secs,
-            0.7,
-            config.max_replicas,
-        )),
+        PolicyKind::Predictive => {
+            let mut p = Predictive::new(
+                Box::new(Kpa::new(config.max_replicas)),
+                forecaster_for(scenario, config.warmup_secs),
+                config.warmup_secs,
+                0.7,
+                config.max_replicas,
+            );
+            p.drain_secs = options.drain_secs;
+            Box::new(p)
+        }
         PolicyKind::QLearning => {
             let split = scenario.rates.len() * 7 / 10;
             Box::new(train_q(&scenario.rates[..split], config, seed))
@@ -305,6 +327,7 @@ pub fn run_matrix(
     kinds: &[PolicyKind],
     seeds: u64,
     config: &SimConfig,
+    options: &PolicyOptions,
 ) -> Vec<Cell> {
     let jobs: Vec<(usize, PolicyKind)> = (0..scenarios.len())
         .flat_map(|s| kinds.iter().map(move |k| (s, *k)))
@@ -321,7 +344,7 @@ pub fn run_matrix(
                     let scenario = &scenarios[s];
                     let outcomes = (0..seeds)
                         .map(|seed| {
-                            let mut policy = build(kind, scenario, config, seed + 1);
+                            let mut policy = build(kind, scenario, config, options, seed + 1);
                             simulate(&scenario.rates, policy.as_mut(), config, seed + 1)
                         })
                         .collect();
@@ -758,8 +781,8 @@ mod tests {
         let scenarios: Vec<Scenario> = synthetic().into_iter().take(2).collect();
         let config = SimConfig::default();
         let kinds = [PolicyKind::Kpa, PolicyKind::Predictive];
-        let a = run_matrix(&scenarios, &kinds, 2, &config);
-        let b = run_matrix(&scenarios, &kinds, 2, &config);
+        let a = run_matrix(&scenarios, &kinds, 2, &config, &PolicyOptions::default());
+        let b = run_matrix(&scenarios, &kinds, 2, &config, &PolicyOptions::default());
         assert_eq!(a.len(), 4);
         let names: Vec<_> = a.iter().map(|c| (c.workload.as_str(), c.policy)).collect();
         assert_eq!(

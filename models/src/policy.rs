@@ -210,11 +210,12 @@ impl Policy for Hpa {
 }
 
 /// Knative KPA (pkg/autoscaler/scaling/autoscaler.go) on request rate: desired =
-/// ceil(average / (capacity · target utilisation)) over a 60 s stable window, or over the 6 s
-/// panic window while panicking; panic starts when the panic-window desired is at least twice
-/// the ready pods and ends after a stable window without that; while panicking it never scales
-/// down; scale-down is clamped to floor(ready / 2) and scale-up to 1000 × ready per decision;
-/// with no traffic for the stable window plus a 30 s grace, it scales to zero.
+/// ceil(average / (capacity · target utilisation)) over a 60 s stable window; panic starts when
+/// the panic-window (6 s) desired is at least twice the ready pods and ends after a stable
+/// window without that; while panicking the count is the larger of the stable and panic
+/// desired, and never falls below the largest such count since panic began; both counts are
+/// clamped to floor(ready / 2) below and 1000 × ready above per decision; with no traffic for
+/// the stable window plus a 30 s grace, it scales to zero.
 #[derive(Debug, Clone)]
 pub struct Kpa {
     /// Target utilisation of a replica's capacity.
@@ -293,15 +294,16 @@ impl Policy for Kpa {
         let per_replica = obs.capacity * self.target_utilisation;
         let stable = self.average(now, self.stable_secs);
         let panic = self.average(now, self.panic_secs);
-        let desired_stable = (stable / per_replica).ceil() as usize;
-        let desired_panic = (panic / per_replica).ceil() as usize;
+        let wanted_stable = (stable / per_replica).ceil();
+        let wanted_panic = (panic / per_replica).ceil();
         // With no pod ready, Knative treats the ready count as one.
         let ready = obs.ready.max(1) as f64;
-        let over_threshold = desired_panic as f64 / ready >= self.panic_threshold;
-        if over_threshold {
-            if self.panic_since.is_none() {
-                self.panic_desired = obs.replicas;
-            }
+        // Both counts are kept within the rate limits before panic mode reads them.
+        let up_limit = (self.max_up_rate * ready).ceil();
+        let down_limit = (ready / self.max_down_rate).floor();
+        let desired_stable = wanted_stable.clamp(down_limit, up_limit) as usize;
+        let desired_panic = wanted_panic.clamp(down_limit, up_limit) as usize;
+        if wanted_panic / ready >= self.panic_threshold {
             self.panic_since = Some(now);
         } else if self
             .panic_since
@@ -310,16 +312,14 @@ impl Policy for Kpa {
             self.panic_since = None;
             self.panic_desired = 0;
         }
+        // In panic, the larger of the two counts, and never fewer than panic mode has asked for
+        // since it began (the ratchet starts from nothing, not from the replicas running).
         let mut desired = if self.panic_since.is_some() {
-            let d = desired_panic.max(self.panic_desired);
-            self.panic_desired = d;
-            d
+            self.panic_desired = self.panic_desired.max(desired_stable.max(desired_panic));
+            self.panic_desired
         } else {
             desired_stable
         };
-        let up_limit = (self.max_up_rate * ready).ceil() as usize;
-        let down_limit = (ready / self.max_down_rate).floor() as usize;
-        desired = desired.min(up_limit).max(down_limit);
         if desired == 0 {
             // Scale to zero only after the grace period without traffic.
             let idle_for = self.last_traffic.map_or(f64::INFINITY, |t| now - t);
@@ -342,6 +342,17 @@ impl Policy for Kpa {
 /// sits well above the mean, and the policy pays for replicas that only that noise asked for,
 /// on top of the headroom the target utilisation already leaves. The average is centred and the
 /// path runs half a window past the horizon, so a rise right at the horizon is not delayed.
+///
+/// The policy also sizes for the backlog. A replica started now serves from the horizon on,
+/// so it meets the queue the horizon will have built, not the one waiting now: the queue is
+/// projected over the horizon (forecast arrivals against the capacity of the replicas that
+/// exist, counted as ready), and replicas are added to clear that projected queue within
+/// `drain_secs`, at full load. That count is held for the horizon, because once those
+/// replicas are starting the projection (which counts them) no longer asks for them; then the
+/// queue actually waiting keeps them, sized to clear it within `drain_secs` and held as long,
+/// so they stay until it is cleared. Without this term, a cold start under load leaves the replicas that arrive
+/// sized for the arrival rate alone, and the backlog of the warm-up drains only through their
+/// headroom: for a minute, on the simulator's constant load.
 pub struct Predictive {
     reactive: Box<dyn Policy + Send>,
     forecaster: Box<dyn Forecaster + Send>,
@@ -353,7 +364,11 @@ pub struct Predictive {
     pub max: usize,
     /// Ticks the forecast path is averaged over before its peak is taken (1: not at all).
     pub smoothing: usize,
+    /// Seconds within which a backlog is to be cleared (0: the backlog is not sized for).
+    pub drain_secs: f64,
     last_forecast: f64,
+    /// Replicas asked for the backlog, each with the time its hold ends.
+    drain_held: VecDeque<(f64, f64)>,
 }
 
 impl Predictive {
@@ -372,7 +387,9 @@ impl Predictive {
             target_utilisation,
             max,
             smoothing: DEFAULT_SMOOTHING,
+            drain_secs: DEFAULT_DRAIN_SECS,
             last_forecast: 0.0,
+            drain_held: VecDeque::new(),
         }
     }
 
@@ -380,11 +397,46 @@ impl Predictive {
     pub fn last_forecast(&self) -> f64 {
         self.last_forecast
     }
+
+    /// Replicas (fractional) for the backlog: what clears the queue projected at the horizon,
+    /// held for the horizon, and what clears the queue waiting now, held for `drain_secs`
+    /// (so the replicas stay until it is cleared, instead of shrinking with it), each within
+    /// `drain_secs`.
+    fn drain_replicas(&mut self, now: f64, obs: &Observation) -> f64 {
+        if self.drain_secs <= 0.0 || obs.capacity <= 0.0 {
+            return 0.0;
+        }
+        let horizon = self.horizon.max(1) as f64;
+        let existing = obs.replicas as f64 * obs.capacity;
+        let projected = projected_queue(
+            |k| self.forecaster.forecast(k),
+            obs.queue,
+            existing,
+            self.horizon.max(1),
+        );
+        let per_drain = self.drain_secs * obs.capacity;
+        self.drain_held
+            .push_back((now + horizon, projected / per_drain));
+        self.drain_held
+            .push_back((now + self.drain_secs, obs.queue.max(0.0) / per_drain));
+        self.drain_held.retain(|(until, _)| *until >= now);
+        self.drain_held.iter().map(|(_, d)| *d).fold(0.0, f64::max)
+    }
 }
 
 /// Default `smoothing`: about Knative's panic window, the shortest span a reactive
 /// autoscaler sizes for.
 pub const DEFAULT_SMOOTHING: usize = 7;
+
+/// Default `drain_secs`: off. Clearing a backlog fast costs more replica-seconds than the
+/// design's budget of 1.1× KPA's allows on most workloads (see the README's sweep).
+pub const DEFAULT_DRAIN_SECS: f64 = 0.0;
+
+/// The queue `horizon` ticks from now: `queue` now, then each tick `path(k)` arrivals against
+/// `capacity` served, never below empty.
+fn projected_queue(path: impl Fn(usize) -> f64, queue: f64, capacity: f64, horizon: usize) -> f64 {
+    (1..=horizon).fold(queue.max(0.0), |q, k| (q + path(k) - capacity).max(0.0))
+}
 
 /// The largest centred moving average (`window` ticks) of `path(1..=horizon)`; the path is read
 /// half a window past the horizon so the last averages are whole.
@@ -417,7 +469,8 @@ impl Policy for Predictive {
             self.smoothing,
         );
         self.last_forecast = forecast;
-        let ahead = (forecast / (obs.capacity * self.target_utilisation)).ceil();
+        let drain = self.drain_replicas(now, obs);
+        let ahead = (forecast / (obs.capacity * self.target_utilisation) + drain).ceil();
         let ahead = if ahead.is_finite() && ahead > 0.0 {
             ahead as usize
         } else {
@@ -677,6 +730,34 @@ mod tests {
     }
 
     #[test]
+    fn kpa_panic_ratchets_from_what_it_asked_not_from_what_runs() {
+        // 50 replicas run that the KPA did not ask for (another policy started them) when a
+        // burst of 140 req/s makes it panic: it asks for the burst's 20, as Knative's
+        // maxPanicPods starts from zero, not 50.
+        let mut kpa = Kpa::new(1000);
+        for t in 0..60 {
+            kpa.decide(t as f64, &obs(14.0, 2, 2));
+        }
+        let d = kpa.decide(60.0, &obs(140.0, 2, 50));
+        assert!(kpa.panicking());
+        assert_eq!(
+            d, 5,
+            "ceil(panic average (5 × 14 + 140) / 6 = 35, over 7 per replica)"
+        );
+        // In panic it takes the larger of the stable and the panic count and keeps the
+        // largest it has asked for.
+        let d = kpa.decide(61.0, &obs(140.0, 5, 50));
+        assert_eq!(d, 8, "ceil((4 × 14 + 2 × 140) / 6 / 7)");
+        for t in 62..68 {
+            assert_eq!(
+                kpa.decide(t as f64, &obs(0.0, 8, 50)),
+                8,
+                "no scale-down in panic"
+            );
+        }
+    }
+
+    #[test]
     fn kpa_scales_to_zero_only_after_the_grace_period() {
         let mut kpa = Kpa::new(10);
         kpa.decide(0.0, &obs(5.0, 1, 1));
@@ -806,6 +887,52 @@ mod tests {
         // One step earlier, the whole window is past it.
         let step = |k: usize| if k >= 27 { 200.0 } else { 100.0 };
         assert_eq!(peak_of_smoothed(step, 30, 7), 200.0);
+    }
+
+    #[test]
+    fn predictive_sizes_for_the_backlog_the_warm_up_builds() {
+        struct Flat(f64);
+        impl Forecaster for Flat {
+            fn name(&self) -> String {
+                "flat".into()
+            }
+            fn observe(&mut self, _t: f64, _y: f64) {}
+            fn forecast(&self, _h: usize) -> f64 {
+                self.0
+            }
+        }
+        struct Fixed(usize);
+        impl Policy for Fixed {
+            fn name(&self) -> String {
+                "fixed".into()
+            }
+            fn decide(&mut self, _now: f64, _obs: &Observation) -> usize {
+                self.0
+            }
+        }
+        let at = |ready, replicas, queue| Observation {
+            demand: 120.0,
+            ready,
+            replicas,
+            capacity: 20.0,
+            queue,
+            reward: 0.0,
+        };
+        let mut p = Predictive::new(Box::new(Fixed(1)), Box::new(Flat(120.0)), 30, 0.7, 1000);
+        p.smoothing = 1;
+        assert_eq!(p.decide(0.0, &at(1, 1, 100.0)), 9, "off: ceil(120 / 14)");
+        p.drain_secs = 6.0;
+        // 100 waiting, then 30 ticks of 120 arriving against one replica's 20: 3,100 when a
+        // replica started now is ready; cleared in 6 s by 3100 / 120 replicas at full load.
+        let first = p.decide(1.0, &at(1, 1, 100.0));
+        assert_eq!(first, (120.0f64 / 14.0 + 3100.0 / 120.0).ceil() as usize);
+        // Once they are starting the projection no longer asks for them; the hold keeps them.
+        assert_eq!(p.decide(2.0, &at(1, first, 200.0)), first);
+        assert_eq!(p.decide(31.0, &at(1, first, 3000.0)), first);
+        // Ready, they are kept by the queue that waits, for as long as it takes to clear it.
+        assert_eq!(p.decide(32.0, &at(first, first, 3100.0)), first);
+        assert_eq!(p.decide(37.0, &at(first, first, 0.0)), first);
+        assert_eq!(p.decide(39.0, &at(first, first, 0.0)), 9);
     }
 
     #[test]
