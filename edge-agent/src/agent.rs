@@ -27,7 +27,7 @@ use crate::config::AgentConfig;
 use crate::hub::HubContext;
 use crate::ingest::Ingest;
 use crate::offload::Offload;
-use crate::pool::{Outgoing, Pool, QueueProbe};
+use crate::pool::{self, Outgoing, Pool, QueueProbe};
 use crate::router::Router;
 use crate::serving::{ModelSlots, ServedModel};
 use crate::status::Sampler;
@@ -104,7 +104,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
 
-    let (results_tx, results_rx) = tokio::sync::mpsc::channel(config.agent.queue_capacity);
+    // Hand-offs of up to `HANDOFF_MAX` results each: a bound of about a queue's worth of
+    // results under load, and room for 64 single results when the load is light.
+    let (results_tx, results_rx) = tokio::sync::mpsc::channel(
+        config
+            .agent
+            .queue_capacity
+            .div_ceil(pool::HANDOFF_MAX)
+            .max(64),
+    );
     let workers = config.worker_count();
     let pool = Pool::start(
         workers,
@@ -521,13 +529,15 @@ impl HeartbeatSource {
 
 async fn publish_results(
     client: AsyncClient,
-    mut results: tokio::sync::mpsc::Receiver<Outgoing>,
+    mut results: tokio::sync::mpsc::Receiver<Vec<Outgoing>>,
     shared: Arc<Shared>,
     batching: Option<Batcher>,
 ) {
     let Some(mut batcher) = batching else {
-        while let Some(Outgoing { topic, payload }) = results.recv().await {
-            publish_result(&client, &shared, topic, payload, 1).await;
+        while let Some(handed) = results.recv().await {
+            for Outgoing { topic, payload } in handed {
+                publish_result(&client, &shared, topic, payload, 1).await;
+            }
         }
         return;
     };
@@ -545,12 +555,18 @@ async fn publish_results(
             },
         };
         let Some(first) = next else { break };
-        // Take every result that is ready before publishing, so batches fill under load.
+        // Take what is ready before publishing, so batches fill under load; a bounded
+        // amount, so a full batch never waits long for the publisher to look up.
         let now = Instant::now();
         let mut ready = Vec::new();
-        ready.extend(batcher.push(first, now));
-        while let Ok(more) = results.try_recv() {
-            ready.extend(batcher.push(more, now));
+        let mut handed = vec![first];
+        while handed.len() < READY_PER_PASS
+            && let Ok(more) = results.try_recv()
+        {
+            handed.push(more);
+        }
+        for result in handed.into_iter().flatten() {
+            ready.extend(batcher.push(result, now));
         }
         ready.extend(batcher.take_due(now));
         for b in ready {
@@ -561,6 +577,9 @@ async fn publish_results(
         publish_result(&client, &shared, b.topic, b.payload, b.results).await;
     }
 }
+
+/// Most hand-offs from the workers the publisher takes before it publishes what is full.
+const READY_PER_PASS: usize = 64;
 
 /// Publishes one result message carrying `results` results.
 async fn publish_result(

@@ -196,7 +196,7 @@ struct Inner {
     backoff_max: Duration,
     models: Arc<ModelSlots>,
     topics: Topics,
-    results: tokio::sync::mpsc::Sender<Outgoing>,
+    results: tokio::sync::mpsc::Sender<Vec<Outgoing>>,
     local: LocalQueue,
     counters: Arc<Counters>,
     in_flight: AtomicUsize,
@@ -352,7 +352,7 @@ impl Offload {
         identity: Option<&Identity>,
         models: Arc<ModelSlots>,
         topics: Topics,
-        results: tokio::sync::mpsc::Sender<Outgoing>,
+        results: tokio::sync::mpsc::Sender<Vec<Outgoing>>,
         local: LocalQueue,
         counters: Arc<Counters>,
     ) -> anyhow::Result<Offload> {
@@ -650,7 +650,7 @@ async fn request(inner: &Inner, slot: &Slot, job: Job, deadline: Instant, reserv
                 outputs,
                 &inner.topics,
                 counters,
-            ) && inner.results.send(out).await.is_err()
+            ) && inner.results.send(vec![out]).await.is_err()
             {
                 Counters::bump(&counters.inference_errors);
             }

@@ -5,7 +5,11 @@
 //! is synchronous and CPU-bound), one per core by default; each turns a window into a
 //! finished, serialised MQTT message and hands it to the publisher through a bounded tokio
 //! channel, so a slow broker backs up into the queue and from there into counted shedding,
-//! never into memory. Closing the pool lets the workers finish what is queued, then join.
+//! never into memory. Under load a worker hands over up to [`HANDOFF_MAX`] results at once
+//! and reads its thread's CPU clock once per [`CPU_SPAN`] windows, not twice per window: for
+//! a model of a few microseconds, a wake-up of the publisher and a clock read per window
+//! cost as much as the inference. Closing the pool lets the workers finish what is queued,
+//! then join.
 
 // The workers time each inference for the router's capacity estimate.
 #![allow(clippy::disallowed_methods)]
@@ -15,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use protocol::edge::{InferenceResult, Route, Topics};
 
 use crate::serving::{ModelSlots, ServedModel};
@@ -47,13 +51,14 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
 }
 
-/// Total time the workers spent in inference, and the CPU quota they run under, for the
-/// router's capacity estimate.
+/// Total time the workers spent in inference, the CPU time their threads used, and the CPU
+/// quota they run under, for the router's capacity estimate.
 #[derive(Debug, Default)]
 pub struct ServiceMeter {
     nanos: AtomicU64,
-    cpu_nanos: AtomicU64,
     count: AtomicU64,
+    cpu_nanos: AtomicU64,
+    cpu_windows: AtomicU64,
     /// The workers' CPU quota in thousandths of a core; 0 when there is none.
     quota_millicores: AtomicU64,
 }
@@ -76,22 +81,41 @@ impl ServiceMeter {
         self.quota_millicores.store(millicores, Ordering::Relaxed);
     }
 
-    fn record(&self, wall: Duration, cpu: Duration) {
+    fn record_wall(&self, wall: Duration) {
         self.nanos
             .fetch_add(wall.as_nanos() as u64, Ordering::Relaxed);
-        self.cpu_nanos
-            .fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Inferences measured so far, the wall time and the CPU time they took together.
-    pub fn totals(&self) -> (u64, Duration, Duration) {
-        (
-            self.count.load(Ordering::Relaxed),
-            Duration::from_nanos(self.nanos.load(Ordering::Relaxed)),
-            Duration::from_nanos(self.cpu_nanos.load(Ordering::Relaxed)),
-        )
+    fn record_cpu(&self, cpu: Duration, windows: u64) {
+        self.cpu_nanos
+            .fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
+        self.cpu_windows.fetch_add(windows, Ordering::Relaxed);
     }
+
+    /// What has been measured so far.
+    pub fn totals(&self) -> ServiceTotals {
+        ServiceTotals {
+            count: self.count.load(Ordering::Relaxed),
+            wall: Duration::from_nanos(self.nanos.load(Ordering::Relaxed)),
+            cpu_windows: self.cpu_windows.load(Ordering::Relaxed),
+            cpu: Duration::from_nanos(self.cpu_nanos.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// Running totals of a [`ServiceMeter`]. The CPU time lags the wall time: it is added a span
+/// of windows at a time, so it has its own count.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceTotals {
+    /// Inferences timed.
+    pub count: u64,
+    /// The wall time those inferences took together.
+    pub wall: Duration,
+    /// Windows the CPU time covers.
+    pub cpu_windows: u64,
+    /// The CPU time the workers' threads used for those windows, inference and the rest.
+    pub cpu: Duration,
 }
 
 /// The running pool.
@@ -141,7 +165,7 @@ impl Pool {
         capacity: usize,
         models: Arc<ModelSlots>,
         topics: Topics,
-        results: tokio::sync::mpsc::Sender<Outgoing>,
+        results: tokio::sync::mpsc::Sender<Vec<Outgoing>>,
         counters: Arc<Counters>,
     ) -> std::io::Result<Pool> {
         let (queue, jobs) = crossbeam_channel::bounded(capacity);
@@ -205,17 +229,97 @@ impl Pool {
     }
 }
 
+/// Most results a worker hands the publisher at once.
+pub const HANDOFF_MAX: usize = 32;
+
+/// Longest a finished result waits in a worker for later ones to go with it. It waits only
+/// while more windows are queued: a worker about to wait for work hands over what it has.
+const HANDOFF_LINGER: Duration = Duration::from_millis(1);
+
+/// Windows a worker serves between two readings of its thread's CPU clock (a system call,
+/// dearer than a small model's inference is long). A worker about to wait for work reads it
+/// too, so a span never covers an idle gap's end and the start of the next burst apart.
+pub const CPU_SPAN: u64 = 16;
+
+/// The CPU time one worker thread has used since its last reading, and for how many windows.
+struct CpuSpan {
+    /// The thread clock at the last reading; `None` when the platform has none.
+    mark: Option<Duration>,
+    windows: u64,
+    /// Wall time of the span's inferences, taken as its CPU time without a thread clock.
+    wall: Duration,
+}
+
+impl CpuSpan {
+    fn start() -> CpuSpan {
+        CpuSpan {
+            mark: thread_clock(),
+            windows: 0,
+            wall: Duration::ZERO,
+        }
+    }
+
+    fn add(&mut self, wall: Duration, meter: &ServiceMeter) {
+        self.windows += 1;
+        self.wall += wall;
+        if self.windows >= CPU_SPAN {
+            self.close(meter);
+        }
+    }
+
+    /// Records the span's CPU time and starts the next span.
+    fn close(&mut self, meter: &ServiceMeter) {
+        if self.windows == 0 {
+            return;
+        }
+        let now = thread_clock();
+        let cpu = match (self.mark, now) {
+            (Some(then), Some(now)) => now.saturating_sub(then),
+            _ => self.wall,
+        };
+        meter.record_cpu(cpu, self.windows);
+        *self = CpuSpan {
+            mark: now,
+            windows: 0,
+            wall: Duration::ZERO,
+        };
+    }
+}
+
+fn thread_clock() -> Option<Duration> {
+    cpu_time::ThreadTime::try_now()
+        .ok()
+        .map(|t| t.as_duration())
+}
+
 fn work(
     jobs: &Receiver<Job>,
     models: &ModelSlots,
     topics: &Topics,
-    results: &tokio::sync::mpsc::Sender<Outgoing>,
+    results: &tokio::sync::mpsc::Sender<Vec<Outgoing>>,
     counters: &Counters,
     meter: &ServiceMeter,
 ) {
     meter.refresh_quota();
     let mut quota_read = Instant::now();
-    while let Ok(job) = jobs.recv() {
+    let mut ready = Vec::with_capacity(HANDOFF_MAX);
+    let mut first_ready = quota_read;
+    let mut span = CpuSpan::start();
+    loop {
+        let job = match jobs.try_recv() {
+            Ok(job) => job,
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {
+                if !hand_off(results, &mut ready, counters) {
+                    return;
+                }
+                span.close(meter);
+                match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            }
+        };
         // The version active now serves the whole window, even if a swap comes meanwhile.
         let model = models.get(job.model);
         let started = Instant::now();
@@ -223,12 +327,10 @@ fn work(
             meter.refresh_quota();
             quota_read = started;
         }
-        let cpu = cpu_time::ThreadTime::try_now().ok();
         let outputs = model.runner.run(&job.window);
         let wall = started.elapsed();
-        // Without a thread clock, CPU time is taken to equal wall time.
-        let cpu = cpu.and_then(|c| c.try_elapsed().ok()).unwrap_or(wall);
-        meter.record(wall, cpu);
+        meter.record_wall(wall);
+        span.add(wall, meter);
         models.record(job.model, model.version, wall, outputs.is_ok());
         if let (Ok(outputs), Some(shadow)) = (&outputs, models.shadow_for(job.model)) {
             compare(models, job.model, &job.window, &model, outputs, &shadow);
@@ -253,12 +355,37 @@ fn work(
         ) else {
             continue;
         };
-        if results.blocking_send(outgoing).is_err() {
-            // The publisher is gone: the agent is stopping and nothing more can be sent.
-            counters.inference_errors.fetch_add(1, Ordering::Relaxed);
+        if ready.is_empty() {
+            first_ready = started;
+        }
+        ready.push(outgoing);
+        if (ready.len() >= HANDOFF_MAX || started.duration_since(first_ready) >= HANDOFF_LINGER)
+            && !hand_off(results, &mut ready, counters)
+        {
             return;
         }
     }
+    hand_off(results, &mut ready, counters);
+}
+
+/// Hands the finished results to the publisher in one message (one wake-up of its task, not
+/// one per result); false when the publisher is gone.
+fn hand_off(
+    results: &tokio::sync::mpsc::Sender<Vec<Outgoing>>,
+    ready: &mut Vec<Outgoing>,
+    counters: &Counters,
+) -> bool {
+    if ready.is_empty() {
+        return true;
+    }
+    let lost = ready.len() as u64;
+    let handed = std::mem::replace(ready, Vec::with_capacity(HANDOFF_MAX));
+    if results.blocking_send(handed).is_err() {
+        // The publisher is gone: the agent is stopping and nothing more can be sent.
+        counters.inference_errors.fetch_add(lost, Ordering::Relaxed);
+        return false;
+    }
+    true
 }
 
 /// Runs `window` on the previous version too and records how far the scores differ.
@@ -321,5 +448,56 @@ pub fn finish(
             tracing::warn!("cannot serialise a result: {e}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Busy work of about `d` on this thread.
+    fn spin(d: Duration) -> Duration {
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < d {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        start.elapsed()
+    }
+
+    #[test]
+    fn cpu_spans_count_every_window_once() {
+        let meter = ServiceMeter::default();
+        let mut span = CpuSpan::start();
+        let mut wall = Duration::ZERO;
+        for _ in 0..CPU_SPAN - 1 {
+            let w = spin(Duration::from_micros(200));
+            wall += w;
+            meter.record_wall(w);
+            span.add(w, &meter);
+        }
+        // Nothing is read until the span is full.
+        assert_eq!(meter.totals().cpu_windows, 0);
+        let w = spin(Duration::from_micros(200));
+        wall += w;
+        meter.record_wall(w);
+        span.add(w, &meter);
+        assert_eq!(meter.totals().cpu_windows, CPU_SPAN);
+        // A worker going idle closes a part-filled span; closing an empty one adds nothing.
+        for _ in 0..3 {
+            let w = spin(Duration::from_micros(200));
+            wall += w;
+            meter.record_wall(w);
+            span.add(w, &meter);
+        }
+        span.close(&meter);
+        span.close(&meter);
+        let t = meter.totals();
+        assert_eq!(t.count, CPU_SPAN + 3);
+        assert_eq!(t.cpu_windows, CPU_SPAN + 3);
+        assert_eq!(t.wall, wall);
+        // Busy work uses CPU, and no more than the wall time it took (plus the loop around it).
+        assert!(t.cpu > Duration::ZERO);
+        assert!(t.cpu <= wall + Duration::from_millis(5), "{t:?}");
     }
 }

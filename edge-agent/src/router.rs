@@ -14,7 +14,7 @@ use protocol::edge::OffloadStatus;
 
 use crate::config::AgentConfig;
 use crate::offload::Offload;
-use crate::pool::{Job, Pool, ServiceMeter};
+use crate::pool::{Job, Pool, ServiceMeter, ServiceTotals};
 use crate::telemetry::Counters;
 
 /// Routes windows for one agent.
@@ -23,7 +23,7 @@ pub struct Router {
     policy: OffloadPolicy,
     offload: Option<Offload>,
     meter: Arc<ServiceMeter>,
-    measured: (u64, Duration, Duration),
+    measured: ServiceTotals,
     slo: Duration,
     counters: Arc<Counters>,
 }
@@ -61,7 +61,7 @@ impl Router {
             policy: OffloadPolicy::new(settings),
             offload,
             meter,
-            measured: (0, Duration::ZERO, Duration::ZERO),
+            measured: ServiceTotals::default(),
             counters,
         }
     }
@@ -128,16 +128,19 @@ impl Router {
 
     fn pull_service(&mut self) {
         self.policy.set_cpu_limit(self.meter.cpu_limit());
-        let (count, wall, cpu) = self.meter.totals();
-        let (seen_count, seen_wall, seen_cpu) = self.measured;
-        if count > seen_count {
-            self.policy.record_service(
-                wall.saturating_sub(seen_wall),
-                cpu.saturating_sub(seen_cpu),
-                count - seen_count,
-            );
-            self.measured = (count, wall, cpu);
+        let now = self.meter.totals();
+        let seen = self.measured;
+        if now.count > seen.count {
+            self.policy
+                .record_service(now.wall.saturating_sub(seen.wall), now.count - seen.count);
         }
+        if now.cpu_windows > seen.cpu_windows {
+            self.policy.record_cpu(
+                now.cpu.saturating_sub(seen.cpu),
+                now.cpu_windows - seen.cpu_windows,
+            );
+        }
+        self.measured = now;
     }
 
     /// The router's state for the status message; `None` when offload is not configured.

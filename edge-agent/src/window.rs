@@ -41,10 +41,20 @@ impl Window {
             self.since_last += 1;
             if self.ring.len() >= self.len && self.since_last >= self.stride {
                 self.since_last = 0;
-                let skip = self.ring.len() - self.len;
-                emit(self.ring.oldest_ordered().skip(skip).copied().collect());
+                emit(self.latest());
             }
         }
+    }
+
+    /// The newest `len` samples, oldest first, copied out of the ring's two halves.
+    fn latest(&self) -> Vec<f32> {
+        let (older, newer) = self.ring.as_slices();
+        let from_newer = self.len.min(newer.len());
+        let from_older = self.len - from_newer;
+        let mut window = Vec::with_capacity(self.len);
+        window.extend_from_slice(&older[older.len() - from_older..]);
+        window.extend_from_slice(&newer[newer.len() - from_newer..]);
+        window
     }
 }
 
@@ -81,6 +91,25 @@ mod tests {
                 vec![5.0, 6.0, 7.0, 8.0]
             ]
         );
+    }
+
+    #[test]
+    fn windows_stay_in_order_once_the_ring_wraps() {
+        // Strides that do and do not divide the ring, so windows straddle its seam.
+        for (len, stride) in [(128, 128), (100, 37), (MAX_WINDOW, 300), (5, 1)] {
+            let mut w = Window::new(len, stride);
+            let samples: Vec<f32> = (0..5 * MAX_WINDOW).map(|i| i as f32).collect();
+            let windows = collect(&mut w, &samples);
+            assert_eq!(windows.len(), (samples.len() - len) / stride + 1);
+            for (k, window) in windows.iter().enumerate() {
+                let first = (k * stride) as f32;
+                let expected: Vec<f32> = (0..len).map(|i| first + i as f32).collect();
+                assert_eq!(
+                    window, &expected,
+                    "window {k} of len {len}, stride {stride}"
+                );
+            }
+        }
     }
 
     #[test]

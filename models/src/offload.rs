@@ -178,6 +178,17 @@ pub struct OffloadPolicy {
 
 /// Weight of a new service-time measurement batch.
 const SERVICE_SMOOTHING: f64 = 0.2;
+
+/// Moves `estimate` (seconds per window) toward `total ÷ count`; a batch of many
+/// measurements moves it more than a single one.
+fn smooth(estimate: &mut f64, total: Duration, count: u64) {
+    if count == 0 {
+        return;
+    }
+    let weight = 1.0 - (1.0 - SERVICE_SMOOTHING).powf((count as f64).min(50.0));
+    let per = (total.as_secs_f64() / count as f64).max(1e-6);
+    *estimate += weight * (per - *estimate);
+}
 /// Per-tick damping of the forecast trend: a load that steps up (a burst, or traffic
 /// returning after a pause) is not extrapolated into the sky.
 const TREND_DAMPING: f64 = 0.8;
@@ -212,16 +223,15 @@ impl OffloadPolicy {
         &self.settings
     }
 
-    /// Feeds `count` local inferences that took `wall` together, `cpu` of it on a CPU.
-    pub fn record_service(&mut self, wall: Duration, cpu: Duration, count: u64) {
-        if count == 0 {
-            return;
-        }
-        // A batch of many measurements moves the estimate more than a single one.
-        let weight = 1.0 - (1.0 - SERVICE_SMOOTHING).powf((count as f64).min(50.0));
-        let per = |d: Duration| (d.as_secs_f64() / count as f64).max(1e-6);
-        self.service += weight * (per(wall) - self.service);
-        self.cpu += weight * (per(cpu) - self.cpu);
+    /// Feeds `count` local inferences that took `wall` together.
+    pub fn record_service(&mut self, wall: Duration, count: u64) {
+        smooth(&mut self.service, wall, count);
+    }
+
+    /// Feeds the CPU time the workers' threads used for `count` windows: the inference and
+    /// the work around it (a quota is spent on both).
+    pub fn record_cpu(&mut self, cpu: Duration, count: u64) {
+        smooth(&mut self.cpu, cpu, count);
     }
 
     /// Local capacity μ, windows per second: the workers at their measured pace, and no more
@@ -405,7 +415,8 @@ mod tests {
             initial_service: 10 * MS,
             ..Settings::default()
         });
-        p.record_service(10 * MS, 10 * MS, 1);
+        p.record_service(10 * MS, 1);
+        p.record_cpu(10 * MS, 1);
         p
     }
 
@@ -597,7 +608,8 @@ mod tests {
         p.set_cpu_limit(Some(0.1));
         assert!((p.capacity() - 10.0).abs() < 1e-6);
         // Throttled: each window takes 100 ms of wall time for its 10 ms of CPU.
-        p.record_service(Duration::from_secs(100), Duration::from_secs(10), 1000);
+        p.record_service(Duration::from_secs(100), 1000);
+        p.record_cpu(Duration::from_secs(10), 1000);
         assert!((p.capacity() - 10.0).abs() < 0.1, "{}", p.capacity());
         // A generous quota: the workers' own pace (100 ms a window, 2 workers) is the limit.
         p.set_cpu_limit(Some(8.0));
@@ -609,7 +621,7 @@ mod tests {
     #[test]
     fn service_measurements_set_the_capacity() {
         let mut p = policy(Mode::Predictive);
-        p.record_service(Duration::from_millis(200), Duration::from_millis(200), 100);
+        p.record_service(Duration::from_millis(200), 100);
         assert!((p.capacity() - 500.0).abs() < 50.0, "{}", p.capacity());
     }
 }
