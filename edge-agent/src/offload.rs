@@ -46,6 +46,9 @@ const TIMEOUT_FACTOR: u32 = 8;
 const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 /// A replica is ejected after this many failures in a row (a broken connection at once).
 const EJECT_AFTER: u32 = 3;
+/// What a live replica may take to acknowledge a request beyond a round trip (QUIC's
+/// default maximum ACK delay, and some scheduling).
+const ACK_ALLOWANCE: Duration = Duration::from_millis(40);
 
 /// QUIC client settings: the agent's certificate, the fleet CA as the only root, ALPN
 /// `spillway/2`, TLS 1.3, keep-alive.
@@ -663,13 +666,15 @@ async fn request(inner: &Inner, slot: &Slot, job: Job, deadline: Instant, reserv
                     // path makes the router stand down by itself.
                     slot.observe(patience);
                     Counters::bump(&counters.remote_timeouts);
-                    // A replica that sent not a single datagram (not even an ACK) while we
-                    // waited is stalled; one that did is on a slow path, which is no reason
-                    // to eject it.
+                    // A replica that sent not a single datagram (not even an ACK) in a wait
+                    // long enough for a live one to acknowledge the request is stalled; one
+                    // that did, or that had no time to, is on a slow path, which is no
+                    // reason to eject it.
                     let heard_after = conn.as_ref().map(|c| c.stats().udp_rx.datagrams);
-                    let silent = heard_after == heard_before;
+                    let rtt = conn.as_ref().map_or(Duration::ZERO, quinn::Connection::rtt);
+                    let silent = heard_after == heard_before && patience >= rtt * 2 + ACK_ALLOWANCE;
                     (
-                        format!("no answer in {patience:?} (silent: {silent})"),
+                        format!("no answer in {patience:?} (silent: {silent}, rtt {rtt:?})"),
                         silent,
                     )
                 }
