@@ -470,26 +470,22 @@ mod tests {
         let meter = ServiceMeter::default();
         let mut span = CpuSpan::start();
         let mut wall = Duration::ZERO;
-        for _ in 0..CPU_SPAN - 1 {
-            let w = spin(Duration::from_micros(200));
-            wall += w;
-            meter.record_wall(w);
-            span.add(w, &meter);
-        }
+        // Serves `n` windows of about 200 µs of busy work each.
+        let mut serve = |span: &mut CpuSpan, n: u64| {
+            for _ in 0..n {
+                let w = spin(Duration::from_micros(200));
+                wall += w;
+                meter.record_wall(w);
+                span.add(w, &meter);
+            }
+        };
+        serve(&mut span, CPU_SPAN - 1);
         // Nothing is read until the span is full.
         assert_eq!(meter.totals().cpu_windows, 0);
-        let w = spin(Duration::from_micros(200));
-        wall += w;
-        meter.record_wall(w);
-        span.add(w, &meter);
+        serve(&mut span, 1);
         assert_eq!(meter.totals().cpu_windows, CPU_SPAN);
         // A worker going idle closes a part-filled span; closing an empty one adds nothing.
-        for _ in 0..3 {
-            let w = spin(Duration::from_micros(200));
-            wall += w;
-            meter.record_wall(w);
-            span.add(w, &meter);
-        }
+        serve(&mut span, 3);
         span.close(&meter);
         span.close(&meter);
         let t = meter.totals();
