@@ -585,6 +585,14 @@ async fn keep_connected(inner: Arc<Inner>, slot: Arc<Slot>) {
     }
 }
 
+/// Whether a replica that timed out is stalled rather than on a slow path: it sent not a
+/// single datagram (not even an ACK) while we waited `patience`, and that wait was long
+/// enough for a live replica to acknowledge the request over a path of `rtt`. A replica
+/// that spoke, or had no time to, is no reason to eject.
+fn is_stalled(silent: bool, patience: Duration, rtt: Duration) -> bool {
+    silent && patience >= rtt * 2 + ACK_ALLOWANCE
+}
+
 /// How a remote attempt ended, when it did not produce a result.
 enum Failure {
     /// No answer in time.
@@ -666,13 +674,9 @@ async fn request(inner: &Inner, slot: &Slot, job: Job, deadline: Instant, reserv
                     // path makes the router stand down by itself.
                     slot.observe(patience);
                     Counters::bump(&counters.remote_timeouts);
-                    // A replica that sent not a single datagram (not even an ACK) in a wait
-                    // long enough for a live one to acknowledge the request is stalled; one
-                    // that did, or that had no time to, is on a slow path, which is no
-                    // reason to eject it.
                     let heard_after = conn.as_ref().map(|c| c.stats().udp_rx.datagrams);
                     let rtt = conn.as_ref().map_or(Duration::ZERO, quinn::Connection::rtt);
-                    let silent = heard_after == heard_before && patience >= rtt * 2 + ACK_ALLOWANCE;
+                    let silent = is_stalled(heard_after == heard_before, patience, rtt);
                     (
                         format!("no answer in {patience:?} (silent: {silent}, rtt {rtt:?})"),
                         silent,
@@ -719,5 +723,25 @@ async fn fall_back(inner: &Inner, mut job: Job, deadline: Instant) {
             Counters::bump(&inner.counters.remote_fallbacks_late);
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_silent_replica_is_stalled_only_after_a_wait_a_live_one_would_have_answered() {
+        // A stopped replica on loopback: 100 ms of silence at a 1 ms RTT.
+        assert!(is_stalled(true, 100 * MS, MS));
+        // A path that has just turned slow: the patience came from the old latency and ended
+        // before an ACK could cross the new 850 ms round trip.
+        assert!(!is_stalled(true, 400 * MS, 330 * MS));
+        // Exactly two round trips and the ACK allowance is long enough.
+        assert!(is_stalled(true, 2 * 330 * MS + ACK_ALLOWANCE, 330 * MS));
+        // A replica that sent anything is slow, not stalled, however long the wait.
+        assert!(!is_stalled(false, Duration::from_secs(5), MS));
     }
 }
