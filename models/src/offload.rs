@@ -189,6 +189,7 @@ fn smooth(estimate: &mut f64, total: Duration, count: u64) {
     let per = (total.as_secs_f64() / count as f64).max(1e-6);
     *estimate += weight * (per - *estimate);
 }
+
 /// Per-tick damping of the forecast trend: a load that steps up (a burst, or traffic
 /// returning after a pause) is not extrapolated into the sky.
 const TREND_DAMPING: f64 = 0.8;
