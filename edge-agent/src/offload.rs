@@ -676,10 +676,10 @@ async fn request(inner: &Inner, slot: &Slot, job: Job, deadline: Instant, reserv
                     Counters::bump(&counters.remote_timeouts);
                     let heard_after = conn.as_ref().map(|c| c.stats().udp_rx.datagrams);
                     let rtt = conn.as_ref().map_or(Duration::ZERO, quinn::Connection::rtt);
-                    let silent = is_stalled(heard_after == heard_before, patience, rtt);
+                    let stalled = is_stalled(heard_after == heard_before, patience, rtt);
                     (
-                        format!("no answer in {patience:?} (silent: {silent}, rtt {rtt:?})"),
-                        silent,
+                        format!("no answer in {patience:?} (stalled: {stalled}, rtt {rtt:?})"),
+                        stalled,
                     )
                 }
                 Failure::Refused(code, message) => {
