@@ -255,22 +255,23 @@ impl LoadedModel {
     /// dimension, `shape` must agree with it. With `shape` absent the model must declare every
     /// dimension, except a leading batch dimension, which becomes 1.
     pub fn optimize(self, shape: Option<&[usize]>) -> Result<Runner, ModelError> {
+        self.optimize_batched(shape, &[])
+    }
+
+    /// Like [`LoadedModel::optimize`], with a plan per size in `batches` beside the one for
+    /// `shape`, for [`Runner::run_batch`]: one tract call over several windows costs a small
+    /// model little more than over one. A size gets a plan only where the model leaves its
+    /// leading dimension open, `shape` puts one window in it, and every output keeps that
+    /// dimension as its own leading one (so each window's share of an output is a slice);
+    /// other sizes are left out, and [`Runner::batch_sizes`] says which were built.
+    pub fn optimize_batched(
+        self,
+        shape: Option<&[usize]>,
+        batches: &[usize],
+    ) -> Result<Runner, ModelError> {
         let shape = self.resolve_shape(shape)?;
-        let typed = match self.graph {
-            #[cfg(feature = "onnx")]
-            Graph::Onnx(model) => {
-                use tract_onnx::prelude::InferenceModelExt;
-                model
-                    .with_input_fact(0, f32::fact(&shape).into())
-                    .map_err(|e| ModelError::InputShape(format!("{e:#}")))?
-                    .into_optimized()
-                    .map_err(|e| ModelError::Optimize(format!("{e:#}")))?
-            }
-            // Open dimensions stay symbols in the plan; tract binds them from each input.
-            Graph::Nnef(model) => model
-                .into_optimized()
-                .map_err(|e| ModelError::Optimize(format!("{e:#}")))?,
-        };
+        let batch_open = self.batch_open();
+        let typed = self.into_typed(&shape, batch_open)?;
         let output_names = typed
             .output_outlets()
             .map_err(|e| ModelError::Optimize(e.to_string()))?
@@ -282,13 +283,27 @@ impl LoadedModel {
                     .unwrap_or_else(|| typed.node(o.node).name.clone())
             })
             .collect();
-        let plan = typed
-            .into_runnable()
-            .map_err(|e| ModelError::Optimize(format!("{e:#}")))?;
+        let leading = shape.first().copied().unwrap_or(1);
+        let one = plan_for(&typed, &shape, leading)?;
+        let mut plans = vec![Plan {
+            batch: 1,
+            plan: one,
+        }];
+        if leading == 1 && batch_open {
+            let mut sizes: Vec<usize> = batches.iter().copied().filter(|&b| b > 1).collect();
+            sizes.sort_unstable();
+            sizes.dedup();
+            for batch in sizes {
+                match batched_plan(&typed, &shape, batch) {
+                    Some(plan) => plans.push(Plan { batch, plan }),
+                    None => break,
+                }
+            }
+        }
         let input_len = shape.iter().product();
         Ok(Runner {
             inner: Arc::new(RunnerInner {
-                plan,
+                plans,
                 shape,
                 input_len,
                 output_names,
@@ -296,22 +311,45 @@ impl LoadedModel {
         })
     }
 
+    /// Whether the model leaves its input's leading (batch) dimension open.
+    fn batch_open(&self) -> bool {
+        self.declared_input_shape()
+            .is_some_and(|d| d.first() == Some(&None))
+    }
+
+    /// The model analysed and decluttered with the input shape fixed, but for the leading
+    /// dimension when `batch_open`: that one stays a symbol, bound per plan. An NNEF model
+    /// comes analysed, with the facts it was written with.
+    #[cfg_attr(not(feature = "onnx"), expect(unused_variables))]
+    fn into_typed(self, shape: &[usize], batch_open: bool) -> Result<TypedModel, ModelError> {
+        match self.graph {
+            #[cfg(feature = "onnx")]
+            Graph::Onnx(model) => {
+                use tract_onnx::prelude::InferenceModelExt;
+                let mut dims: TVec<TDim> = shape.iter().map(|d| d.to_dim()).collect();
+                if batch_open {
+                    dims[0] = model.sym(BATCH_SYMBOL).to_dim();
+                }
+                model
+                    .with_input_fact(0, f32::fact(&dims).into())
+                    .map_err(|e| ModelError::InputShape(format!("{e:#}")))?
+                    .into_typed()
+                    .and_then(|m| m.into_decluttered())
+                    .map_err(|e| ModelError::Optimize(format!("{e:#}")))
+            }
+            Graph::Nnef(model) => Ok(model),
+        }
+    }
+
     /// Converts an ONNX model, with its input shape fixed as [`LoadedModel::optimize`] fixes
     /// it, into NNEF bytes (an uncompressed tar, the same bytes for the same model): analysed
-    /// and decluttered, not optimised, so the reader still optimises for its own CPU.
+    /// and decluttered, not optimised, so the reader still optimises for its own CPU. A
+    /// leading dimension the ONNX model leaves open stays open, so that the reader can batch.
     #[cfg(feature = "onnx")]
     pub fn to_nnef(self, shape: Option<&[usize]>) -> Result<Vec<u8>, ModelError> {
-        use tract_onnx::prelude::InferenceModelExt;
         let shape = self.resolve_shape(shape)?;
-        let typed = match self.graph {
-            Graph::Onnx(model) => model
-                .with_input_fact(0, f32::fact(&shape).into())
-                .map_err(|e| ModelError::InputShape(format!("{e:#}")))?
-                .into_typed()
-                .and_then(|m| m.into_decluttered())
-                .map_err(|e| ModelError::Optimize(format!("{e:#}")))?,
-            Graph::Nnef(model) => model,
-        };
+        let batch_open = self.batch_open();
+        let typed = self.into_typed(&shape, batch_open)?;
         tract_nnef::nnef()
             .write_to_tar_with_config(&typed, Vec::new(), false, true)
             .map_err(|e| ModelError::Convert(format!("{e:#}")))
@@ -404,9 +442,76 @@ fn show_dims(dims: &[Option<usize>]) -> String {
     format!("[{}]", parts.join(", "))
 }
 
+/// The name the leading dimension of an input takes while it is open.
+#[cfg(feature = "onnx")]
+const BATCH_SYMBOL: &str = "N";
+
+/// Binds the input's open dimensions (the leading one to `batch`, the others to `shape`) and
+/// optimises the model into a runnable plan.
+fn plan_for(
+    typed: &TypedModel,
+    shape: &[usize],
+    batch: usize,
+) -> Result<Arc<TypedRunnableModel>, ModelError> {
+    let fact = typed
+        .input_fact(0)
+        .map_err(|e| ModelError::Optimize(e.to_string()))?;
+    let mut bindings = std::collections::HashMap::new();
+    for (i, dim) in fact.shape.iter().enumerate() {
+        if let TDim::Sym(symbol) = dim {
+            let value = if i == 0 { batch } else { shape[i] };
+            bindings.insert(symbol.clone(), value.to_dim());
+        }
+    }
+    let bound = if bindings.is_empty() {
+        typed.clone()
+    } else {
+        typed
+            .set_symbols(&bindings)
+            .map_err(|e| ModelError::InputShape(format!("{e:#}")))?
+    };
+    bound
+        .into_optimized()
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| ModelError::Optimize(format!("{e:#}")))
+}
+
+/// A plan over `batch` windows, if the model leaves its leading dimension open and every
+/// output leads with it.
+fn batched_plan(
+    typed: &TypedModel,
+    shape: &[usize],
+    batch: usize,
+) -> Option<Arc<TypedRunnableModel>> {
+    let open = typed
+        .input_fact(0)
+        .ok()
+        .is_some_and(|f| matches!(f.shape.iter().next(), Some(TDim::Sym(_))));
+    if !open {
+        return None;
+    }
+    let plan = plan_for(typed, shape, batch).ok()?;
+    let model = plan.model();
+    let outputs_lead_with_batch = model.output_outlets().ok()?.iter().all(|o| {
+        model
+            .outlet_fact(*o)
+            .ok()
+            .is_some_and(|f| f.shape.as_concrete().and_then(|s| s.first().copied()) == Some(batch))
+    });
+    outputs_lead_with_batch.then_some(plan)
+}
+
+/// A plan and the number of windows it runs at once.
+#[derive(Debug)]
+struct Plan {
+    batch: usize,
+    plan: Arc<TypedRunnableModel>,
+}
+
 #[derive(Debug)]
 struct RunnerInner {
-    plan: Arc<TypedRunnableModel>,
+    /// By batch size, ascending; the first runs one input of `shape`.
+    plans: Vec<Plan>,
     shape: Vec<usize>,
     input_len: usize,
     output_names: Vec<String>,
@@ -435,39 +540,159 @@ impl Runner {
         &self.inner.output_names
     }
 
+    /// The batch sizes [`Runner::run_batch`] has plans for, ascending, 1 first.
+    pub fn batch_sizes(&self) -> Vec<usize> {
+        self.inner.plans.iter().map(|p| p.batch).collect()
+    }
+
+    /// The largest batch size with a plan.
+    pub fn max_batch(&self) -> usize {
+        self.inner.plans.last().map_or(1, |p| p.batch)
+    }
+
+    /// The same model with only the batched plans whose size `keep` accepts (the plan for one
+    /// input always stays). Shares the plans; costs no optimisation.
+    pub fn with_batches(&self, keep: impl Fn(usize) -> bool) -> Runner {
+        let inner = &*self.inner;
+        let plans = inner
+            .plans
+            .iter()
+            .filter(|p| p.batch == 1 || keep(p.batch))
+            .map(|p| Plan {
+                batch: p.batch,
+                plan: Arc::clone(&p.plan),
+            })
+            .collect();
+        Runner {
+            inner: Arc::new(RunnerInner {
+                plans,
+                shape: inner.shape.clone(),
+                input_len: inner.input_len,
+                output_names: inner.output_names.clone(),
+            }),
+        }
+    }
+
     /// Runs the model on one input (row-major, [`Runner::input_len`] values).
     pub fn run(&self, input: &[f32]) -> Result<Vec<Output>, ModelError> {
         let inner = &*self.inner;
-        if input.len() != inner.input_len {
-            return Err(ModelError::ShapeMismatch {
-                shape: inner.shape.clone(),
-                expected: inner.input_len,
-                got: input.len(),
-            });
-        }
+        inner.check_len(input)?;
         let tensor = Tensor::from_shape(&inner.shape, input)
             .map_err(|e| ModelError::Run(format!("{e:#}")))?;
-        let outputs = inner
-            .plan
+        let plan = &inner.plans[0].plan;
+        let outputs = plan
             .run(tvec!(tensor.into_tvalue()))
             .map_err(|e| ModelError::Run(format!("{e:#}")))?;
         outputs
             .iter()
             .zip(&inner.output_names)
             .map(|(value, name)| {
-                let as_f32 = value
-                    .cast_to::<f32>()
-                    .map_err(|e| ModelError::Run(format!("{e:#}")))?;
-                let view = as_f32
-                    .to_plain_array_view::<f32>()
-                    .map_err(|e| ModelError::Run(format!("{e:#}")))?;
                 Ok(Output {
                     name: name.clone(),
                     shape: value.shape().to_vec(),
-                    data: view.iter().copied().collect(),
+                    data: with_f32(value, <[f32]>::to_vec)?,
                 })
             })
             .collect()
+    }
+
+    /// Runs the model on several inputs, each as [`Runner::run`] takes one, and returns each
+    /// one's outputs as `run` would. The inputs go through the largest plans that fit
+    /// (13 inputs with plans for 1, 4 and 8: 8, then 4, then 1), so each call serves many.
+    /// An error fails every input.
+    pub fn run_batch(&self, inputs: &[&[f32]]) -> Result<Vec<Vec<Output>>, ModelError> {
+        let inner = &*self.inner;
+        let mut results = Vec::with_capacity(inputs.len());
+        let mut rest = inputs;
+        while !rest.is_empty() {
+            let plan = inner
+                .plans
+                .iter()
+                .rev()
+                .find(|p| p.batch <= rest.len())
+                .unwrap_or(&inner.plans[0]);
+            let (chunk, later) = rest.split_at(plan.batch);
+            if plan.batch == 1 {
+                results.push(self.run(chunk[0])?);
+            } else {
+                inner.run_chunk(plan, chunk, &mut results)?;
+            }
+            rest = later;
+        }
+        Ok(results)
+    }
+}
+
+impl RunnerInner {
+    fn check_len(&self, input: &[f32]) -> Result<(), ModelError> {
+        if input.len() == self.input_len {
+            return Ok(());
+        }
+        Err(ModelError::ShapeMismatch {
+            shape: self.shape.clone(),
+            expected: self.input_len,
+            got: input.len(),
+        })
+    }
+
+    /// Runs `plan` over exactly `plan.batch` inputs and splits each output by input.
+    fn run_chunk(
+        &self,
+        plan: &Plan,
+        inputs: &[&[f32]],
+        results: &mut Vec<Vec<Output>>,
+    ) -> Result<(), ModelError> {
+        let mut shape = self.shape.clone();
+        shape[0] = plan.batch;
+        let mut tensor =
+            Tensor::zero::<f32>(&shape).map_err(|e| ModelError::Run(format!("{e:#}")))?;
+        {
+            let mut view = tensor
+                .to_plain_array_view_mut::<f32>()
+                .map_err(|e| ModelError::Run(format!("{e:#}")))?;
+            let flat = view
+                .as_slice_mut()
+                .ok_or_else(|| ModelError::Run("input tensor is not contiguous".into()))?;
+            for (slot, input) in flat.chunks_exact_mut(self.input_len).zip(inputs) {
+                self.check_len(input)?;
+                slot.copy_from_slice(input);
+            }
+        }
+        let outputs = plan
+            .plan
+            .run(tvec!(tensor.into_tvalue()))
+            .map_err(|e| ModelError::Run(format!("{e:#}")))?;
+        let first = results.len();
+        results.extend((0..plan.batch).map(|_| Vec::with_capacity(outputs.len())));
+        for (value, name) in outputs.iter().zip(&self.output_names) {
+            let mut each_shape = value.shape().to_vec();
+            each_shape[0] = 1;
+            with_f32(value, |data| {
+                let per = data.len() / plan.batch;
+                for (i, part) in data.chunks_exact(per.max(1)).enumerate() {
+                    results[first + i].push(Output {
+                        name: name.clone(),
+                        shape: each_shape.clone(),
+                        data: part.to_vec(),
+                    });
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Calls `f` with an output's values as `f32`, converted where the model gives another type.
+fn with_f32<R>(value: &TValue, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
+    let as_f32 = value
+        .cast_to::<f32>()
+        .map_err(|e| ModelError::Run(format!("{e:#}")))?;
+    let view = as_f32
+        .to_plain_array_view::<f32>()
+        .map_err(|e| ModelError::Run(format!("{e:#}")))?;
+    match view.as_slice() {
+        Some(data) => Ok(f(data)),
+        None => Ok(f(&view.iter().copied().collect::<Vec<_>>())),
     }
 }
 
@@ -496,6 +721,35 @@ mod tests {
             };
             let loaded = LoadedModel::from_bytes(model.bytes()).expect("the default loads");
             assert_eq!(loaded.format(), default);
+        }
+    }
+
+    #[test]
+    fn the_zoo_nnef_files_leave_the_batch_open_and_batched_calls_agree() {
+        for model in crate::zoo::ALL {
+            let runner = LoadedModel::from_bytes(model.nnef)
+                .and_then(|m| m.optimize_batched(None, &[4]))
+                .expect("loads");
+            assert_eq!(runner.input_shape(), model.input_shape);
+            assert_eq!(runner.batch_sizes(), vec![1, 4], "{}", model.name);
+            let windows: Vec<Vec<f32>> = (0..5)
+                .map(|w| {
+                    (0..runner.input_len())
+                        .map(|i| ((i * 7 + w * 13) as f32 * 0.01).sin())
+                        .collect()
+                })
+                .collect();
+            let inputs: Vec<&[f32]> = windows.iter().map(Vec::as_slice).collect();
+            let together = runner.run_batch(&inputs).expect("batched");
+            for (window, got) in windows.iter().zip(&together) {
+                let alone = runner.run(window).expect("alone");
+                for (g, a) in got.iter().zip(&alone) {
+                    assert_eq!(g.shape, a.shape);
+                    for (g, a) in g.data.iter().zip(&a.data) {
+                        assert!((g - a).abs() <= 1e-5 * a.abs().max(1.0), "{g} vs {a}");
+                    }
+                }
+            }
         }
     }
 }

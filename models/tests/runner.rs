@@ -155,12 +155,9 @@ fn broken_nnef_archives_are_refused_and_its_shape_is_fixed() {
         let err = LoadedModel::from_bytes(junk).expect_err("broken");
         assert!(matches!(err, ModelError::NotNnef(_)), "{err}");
     }
-    // The conversion fixed the input shape: another one does not fit.
+    // The conversion fixed the input shape but for the batch: another window does not fit.
     let loaded = LoadedModel::from_bytes(whole).expect("load");
-    assert_eq!(
-        loaded.declared_input_shape(),
-        Some(vec![Some(1), Some(128)])
-    );
+    assert_eq!(loaded.declared_input_shape(), Some(vec![None, Some(128)]));
     let err = loaded
         .optimize(Some(&[1, 256]))
         .expect_err("256 does not fit 128");
@@ -230,4 +227,83 @@ fn one_runner_serves_many_threads_with_identical_results() {
     for t in threads {
         t.join().expect("thread");
     }
+}
+
+#[test]
+fn a_batched_call_gives_each_window_what_it_gets_alone_from_onnx_and_from_nnef() {
+    for (model, bytes) in zoo::ALL
+        .into_iter()
+        .flat_map(|m| [(m, m.onnx), (m, m.nnef)])
+    {
+        let runner = LoadedModel::from_bytes(bytes)
+            .and_then(|m| m.optimize_batched(None, &[8, 2, 4, 8]))
+            .unwrap_or_else(|e| panic!("{}: {e}", model.name));
+        assert_eq!(runner.batch_sizes(), vec![1, 2, 4, 8], "{}", model.name);
+        assert_eq!(runner.input_shape(), model.input_shape);
+        let reference = reference(model.name);
+        // 15 windows: calls of 8, 4, 2 and 1.
+        let windows: Vec<&[f32]> = (0..15)
+            .map(|i| reference.windows[i % reference.windows.len()].as_slice())
+            .collect();
+        let together = runner.run_batch(&windows).expect("batched run");
+        assert_eq!(together.len(), windows.len());
+        for (i, (window, got)) in windows.iter().zip(&together).enumerate() {
+            let alone = runner.run(window).expect("run");
+            assert_eq!(got.len(), alone.len());
+            for (g, a) in got.iter().zip(&alone) {
+                assert_eq!((&g.name, &g.shape), (&a.name, &a.shape), "{}", model.name);
+                let expected = &reference.outputs[&g.name][i % reference.windows.len()];
+                for ((g, a), e) in g.data.iter().zip(&a.data).zip(expected) {
+                    assert!(
+                        (g - a).abs() <= 1e-5 * a.abs().max(1.0),
+                        "{}: {g} vs {a}",
+                        model.name
+                    );
+                    assert!(
+                        (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                        "{}: {g} vs {e}",
+                        model.name
+                    );
+                }
+            }
+        }
+        // Dropping sizes keeps the plan for one window, and the answers (but for rounding: 15
+        // windows now go as 4, 4, 4, 1, 1, 1).
+        let fewer = runner.with_batches(|b| b == 4);
+        assert_eq!(fewer.batch_sizes(), vec![1, 4]);
+        let again = fewer.run_batch(&windows).expect("run");
+        for (a, t) in again.iter().flatten().zip(together.iter().flatten()) {
+            assert_eq!((&a.name, &a.shape), (&t.name, &t.shape));
+            for (a, t) in a.data.iter().zip(&t.data) {
+                assert!((a - t).abs() <= 1e-5 * t.abs().max(1.0), "{a} vs {t}");
+            }
+        }
+    }
+}
+
+#[test]
+fn batches_need_an_open_batch_dimension_holding_one_window() {
+    // Four windows per input already: no plans for more.
+    let runner = LoadedModel::from_bytes(zoo::VIBRATION_AE.onnx)
+        .and_then(|m| m.optimize_batched(Some(&[4, 128]), &[2, 4]))
+        .expect("batch of four");
+    assert_eq!(runner.batch_sizes(), vec![1]);
+    assert_eq!(runner.max_batch(), 1);
+    // Each input of a batched call is checked like a single one, and fails the call.
+    let runner = LoadedModel::from_bytes(zoo::VIBRATION_AE.onnx)
+        .and_then(|m| m.optimize_batched(None, &[2]))
+        .expect("load");
+    let good = vec![0.1; 128];
+    let short = vec![0.1; 100];
+    let err = runner
+        .run_batch(&[&good, &short])
+        .expect_err("a short window");
+    assert!(
+        matches!(err, ModelError::ShapeMismatch { got: 100, .. }),
+        "{err}"
+    );
+    assert_eq!(
+        runner.run_batch(&[]).expect("nothing to run"),
+        Vec::<Vec<_>>::new()
+    );
 }
