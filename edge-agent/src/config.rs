@@ -297,6 +297,12 @@ pub struct ModelSection {
     /// Scores above this are reported as anomalies.
     #[serde(default = "default_threshold")]
     pub anomaly_threshold: f32,
+    /// Most queued windows one inference call may serve. Where the model leaves its batch
+    /// dimension open, windows waiting in the queue run together (never waiting for more to
+    /// arrive), in powers of two up to this; at load each size is timed against one window
+    /// at a time and kept only where it pays. 1 runs one window per call.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
 }
 
 /// `[sensors]`: the sensor → model assignment.
@@ -495,6 +501,11 @@ fn default_version() -> u32 {
 fn default_threshold() -> f32 {
     f32::INFINITY
 }
+fn default_max_batch() -> usize {
+    32
+}
+/// Largest `max_batch` a model may be given.
+pub const MAX_BATCH: usize = 256;
 fn default_max_sensors() -> usize {
     256
 }
@@ -647,6 +658,12 @@ impl AgentConfig {
             }
             if model.anomaly_threshold.is_nan() {
                 problems.push(format!("model {:?}: anomaly_threshold is NaN", model.name));
+            }
+            if !(1..=MAX_BATCH).contains(&model.max_batch) {
+                problems.push(format!(
+                    "model {:?}: max_batch must be in 1..={MAX_BATCH}, not {}",
+                    model.name, model.max_batch
+                ));
             }
         }
         self.validate_offload(&mut problems);
@@ -861,6 +878,7 @@ mod tests {
             name = "vib"
             zoo = "no-such-model"
             stride = 0
+            max_batch = 0
             [sensors]
             default_model = "other"
         "#;
@@ -871,6 +889,7 @@ mod tests {
             "queue_capacity",
             "no-such-model",
             "stride",
+            "max_batch",
             "\"other\"",
         ] {
             assert!(text.contains(needle), "{needle} missing from: {text}");

@@ -8,8 +8,11 @@
 //! never into memory. Under load a worker hands over up to [`HANDOFF_MAX`] results at once
 //! and reads its thread's CPU clock once per [`CPU_SPAN`] windows, not twice per window: for
 //! a model of a few microseconds, a wake-up of the publisher and a clock read per window
-//! cost as much as the inference. Closing the pool lets the workers finish what is queued,
-//! then join.
+//! cost as much as the inference. For the same reason a worker takes the windows already
+//! queued behind the one it picks up, up to the model's largest batch, and runs those of one
+//! model in one call ([`models::Runner::run_batch`]); it never waits for a batch to fill, so
+//! a lone window is served at once, as before. Closing the pool lets the workers finish what
+//! is queued, then join.
 
 // The workers time each inference for the router's capacity estimate.
 #![allow(clippy::disallowed_methods)]
@@ -81,10 +84,10 @@ impl ServiceMeter {
         self.quota_millicores.store(millicores, Ordering::Relaxed);
     }
 
-    fn record_wall(&self, wall: Duration) {
+    fn record_wall(&self, wall: Duration, windows: u64) {
         self.nanos
             .fetch_add(wall.as_nanos() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(windows, Ordering::Relaxed);
     }
 
     fn record_cpu(&self, cpu: Duration, windows: u64) {
@@ -259,8 +262,8 @@ impl CpuSpan {
         }
     }
 
-    fn add(&mut self, wall: Duration, meter: &ServiceMeter) {
-        self.windows += 1;
+    fn add(&mut self, wall: Duration, windows: u64, meter: &ServiceMeter) {
+        self.windows += windows;
         self.wall += wall;
         if self.windows >= CPU_SPAN {
             self.close(meter);
@@ -301,71 +304,135 @@ fn work(
     meter: &ServiceMeter,
 ) {
     meter.refresh_quota();
-    let mut quota_read = Instant::now();
-    let mut ready = Vec::with_capacity(HANDOFF_MAX);
-    let mut first_ready = quota_read;
-    let mut span = CpuSpan::start();
+    let mut worker = Worker {
+        models,
+        topics,
+        counters,
+        meter,
+        quota_read: Instant::now(),
+        ready: Vec::with_capacity(HANDOFF_MAX),
+        first_ready: Instant::now(),
+        span: CpuSpan::start(),
+    };
+    let mut taken: Vec<Job> = Vec::new();
     loop {
-        let job = match jobs.try_recv() {
+        let first = match jobs.try_recv() {
             Ok(job) => job,
             Err(TryRecvError::Disconnected) => break,
             Err(TryRecvError::Empty) => {
-                if !hand_off(results, &mut ready, counters) {
+                if !hand_off(results, &mut worker.ready, counters) {
                     return;
                 }
-                span.close(meter);
+                worker.span.close(meter);
                 match jobs.recv() {
                     Ok(job) => job,
                     Err(_) => break,
                 }
             }
         };
-        // The version active now serves the whole window, even if a swap comes meanwhile.
-        let model = models.get(job.model);
+        // Whatever else is queued already, up to what the model runs in one call: serving it
+        // together costs a small model hardly more than serving the first window alone.
+        let most = models.get(first.model).runner.max_batch();
+        taken.push(first);
+        while taken.len() < most {
+            match jobs.try_recv() {
+                Ok(job) => taken.push(job),
+                Err(_) => break,
+            }
+        }
+        // One group per model; a sensor has one model, so each sensor's windows keep their order.
+        taken.sort_by_key(|job| job.model);
+        for group in taken.chunk_by(|a, b| a.model == b.model) {
+            if !worker.serve(group, results) {
+                return;
+            }
+        }
+        taken.clear();
+    }
+    hand_off(results, &mut worker.ready, counters);
+}
+
+/// What one inference thread keeps between windows.
+struct Worker<'a> {
+    models: &'a ModelSlots,
+    topics: &'a Topics,
+    counters: &'a Counters,
+    meter: &'a ServiceMeter,
+    quota_read: Instant,
+    /// Finished results not yet handed to the publisher.
+    ready: Vec<Outgoing>,
+    first_ready: Instant,
+    span: CpuSpan,
+}
+
+impl Worker<'_> {
+    /// Runs windows of one model in one call, and queues their results for the publisher;
+    /// false when the publisher is gone.
+    fn serve(&mut self, group: &[Job], results: &tokio::sync::mpsc::Sender<Vec<Outgoing>>) -> bool {
+        let index = group[0].model;
+        // The version active now serves the whole group, even if a swap comes meanwhile.
+        let model = self.models.get(index);
         let started = Instant::now();
-        if started.duration_since(quota_read) >= QUOTA_REFRESH {
-            meter.refresh_quota();
-            quota_read = started;
+        if started.duration_since(self.quota_read) >= QUOTA_REFRESH {
+            self.meter.refresh_quota();
+            self.quota_read = started;
         }
-        let outputs = model.runner.run(&job.window);
+        let outputs = match group {
+            [job] => model.runner.run(&job.window).map(|o| vec![o]),
+            _ => {
+                let inputs: Vec<&[f32]> = group.iter().map(|j| j.window.as_slice()).collect();
+                model.runner.run_batch(&inputs)
+            }
+        };
         let wall = started.elapsed();
-        meter.record_wall(wall);
-        span.add(wall, meter);
-        models.record(job.model, model.version, wall, outputs.is_ok());
-        if let (Ok(outputs), Some(shadow)) = (&outputs, models.shadow_for(job.model)) {
-            compare(models, job.model, &job.window, &model, outputs, &shadow);
-        }
+        let windows = group.len() as u64;
+        self.meter.record_wall(wall, windows);
+        self.span.add(wall, windows, self.meter);
+        let each = wall / group.len() as u32;
+        self.models
+            .record(index, model.version, each, windows, outputs.is_ok());
         let outputs = match outputs {
             Ok(outputs) => outputs,
             Err(e) => {
-                Counters::bump(&counters.inference_errors);
-                tracing::warn!(sensor = %job.sensor, model = %model.name, "inference failed: {e}");
-                continue;
+                self.counters
+                    .inference_errors
+                    .fetch_add(windows, Ordering::Relaxed);
+                tracing::warn!(
+                    sensor = %group[0].sensor, model = %model.name, windows,
+                    "inference failed: {e}"
+                );
+                return true;
             }
         };
-        let outputs = outputs.into_iter().map(|o| (o.name, o.data)).collect();
-        let Some(outgoing) = finish(
-            &job,
-            &model,
-            model.version,
-            Route::Local,
-            outputs,
-            topics,
-            counters,
-        ) else {
-            continue;
-        };
-        if ready.is_empty() {
-            first_ready = started;
+        for (job, outputs) in group.iter().zip(outputs) {
+            if let Some(shadow) = self.models.shadow_for(index) {
+                compare(self.models, index, &job.window, &model, &outputs, &shadow);
+            }
+            let outputs = outputs.into_iter().map(|o| (o.name, o.data)).collect();
+            let Some(outgoing) = finish(
+                job,
+                &model,
+                model.version,
+                Route::Local,
+                outputs,
+                self.topics,
+                self.counters,
+            ) else {
+                continue;
+            };
+            if self.ready.is_empty() {
+                self.first_ready = started;
+            }
+            self.ready.push(outgoing);
+            if (self.ready.len() >= HANDOFF_MAX
+                || started.duration_since(self.first_ready) >= HANDOFF_LINGER)
+                && !hand_off(results, &mut self.ready, self.counters)
+            {
+                return false;
+            }
         }
-        ready.push(outgoing);
-        if (ready.len() >= HANDOFF_MAX || started.duration_since(first_ready) >= HANDOFF_LINGER)
-            && !hand_off(results, &mut ready, counters)
-        {
-            return;
-        }
+        true
     }
-    hand_off(results, &mut ready, counters);
 }
 
 /// Hands the finished results to the publisher in one message (one wake-up of its task, not
@@ -475,8 +542,8 @@ mod tests {
             for _ in 0..n {
                 let w = spin(Duration::from_micros(200));
                 wall += w;
-                meter.record_wall(w);
-                span.add(w, &meter);
+                meter.record_wall(w, 1);
+                span.add(w, 1, &meter);
             }
         };
         serve(&mut span, CPU_SPAN - 1);
