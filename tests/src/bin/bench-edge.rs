@@ -36,6 +36,10 @@ use protocol::payload::{encode_plain_cbor, encode_plain_json};
 use spillway_tests::load::median;
 use spillway_tests::{Agent, Broker, Listener, Publisher, mosquitto_path, reference};
 
+/// Windows a call in the batched raw loop: the agent's default `max_batch`, the most windows
+/// it runs in one call.
+const RAW_BATCH: usize = 32;
+
 /// Most samples the agent takes in one payload.
 const MAX_SAMPLES: usize = 1024;
 
@@ -51,6 +55,8 @@ const STALL: Duration = Duration::from_secs(30);
 struct Row {
     model: &'static str,
     raw: Run,
+    /// The raw loop running [`RAW_BATCH`] windows a call.
+    raw_batched: Run,
     agent: Run,
     python: Option<Run>,
 }
@@ -105,7 +111,9 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         eprintln!("{}: raw tract loop", model.name);
-        let raw = raw_tract(model, workers, windows, pinning.as_ref())?;
+        let raw = raw_tract(model, workers, windows, 1, pinning.as_ref())?;
+        eprintln!("{}: raw tract loop, {RAW_BATCH} windows a call", model.name);
+        let raw_batched = raw_tract(model, workers, windows, RAW_BATCH, pinning.as_ref())?;
         eprintln!("{}: edge-agent end to end", model.name);
         let agent = runtime.block_on(end_to_end(
             &mosquitto,
@@ -136,6 +144,7 @@ fn main() -> anyhow::Result<()> {
         rows.push(Row {
             model: model.name,
             raw,
+            raw_batched,
             agent,
             python: python_row,
         });
@@ -158,9 +167,9 @@ fn main() -> anyhow::Result<()> {
         "\n### Throughput with {workers} worker threads{placement}, {format} payloads{batching} (median of 3 runs each)\n"
     );
     println!(
-        "| model | raw tract loop, windows/s | edge-agent end to end, windows/s | agent ÷ raw | CPU per window: raw / agent (µs) | raw ÷ agent CPU | Python agent, windows/s | agent ÷ Python | agent RSS | Python RSS |"
+        "| model | raw tract loop, windows/s | edge-agent end to end, windows/s | agent ÷ raw | CPU per window: raw / agent (µs) | raw ÷ agent CPU | raw loop, {RAW_BATCH} windows a call | agent ÷ that | Python agent, windows/s | agent ÷ Python | agent RSS | Python RSS |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
         let (py, ratio, py_rss) = match r.python {
             Some(p) => (
@@ -171,7 +180,7 @@ fn main() -> anyhow::Result<()> {
             None => ("–".into(), "–".into(), "–".into()),
         };
         println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.0} / {:.0} | {:.2} | {py} | {ratio} | {:.1} MB | {py_rss} |",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} / {:.0} | {:.2} | {:.0} | {:.2} | {py} | {ratio} | {:.1} MB | {py_rss} |",
             r.model,
             r.raw.rate,
             r.agent.rate,
@@ -179,6 +188,8 @@ fn main() -> anyhow::Result<()> {
             r.raw.cpu_us,
             r.agent.cpu_us,
             r.raw.cpu_us / r.agent.cpu_us,
+            r.raw_batched.rate,
+            r.agent.rate / r.raw_batched.rate,
             r.agent.rss_mb
         );
     }
@@ -210,7 +221,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn runner(model: zoo::ZooModel) -> anyhow::Result<models::Runner> {
-    Ok(LoadedModel::from_bytes(model.onnx)?.optimize(Some(model.input_shape))?)
+    Ok(LoadedModel::from_bytes(model.onnx)?
+        .optimize_batched(Some(model.input_shape), &[RAW_BATCH])?)
 }
 
 /// Which cores `--pin` gives the inference threads, and which everything else (`taskset`
@@ -271,11 +283,13 @@ fn current_tid() -> anyhow::Result<u32> {
         .parse()?)
 }
 
-/// Windows per second of `workers` threads doing nothing but inference (median of 3).
+/// Windows per second of `workers` threads doing nothing but inference, `batch` windows a
+/// call (median of 3).
 fn raw_tract(
     model: zoo::ZooModel,
     workers: usize,
     windows: usize,
+    batch: usize,
     pinning: Option<&Pinning>,
 ) -> anyhow::Result<Run> {
     let runner = runner(model)?;
@@ -294,9 +308,23 @@ fn raw_tract(
                     if let Some(cores) = cores {
                         taskset(&cores, current_tid()?)?;
                     }
-                    for i in (w..windows).step_by(workers) {
-                        let window = &reference.windows[i % reference.windows.len()];
-                        std::hint::black_box(runner.run(window).map(|o| o.len()).unwrap_or(0));
+                    let all = &reference.windows;
+                    let mut calls = (w * batch..windows).step_by(workers * batch);
+                    if batch == 1 {
+                        for i in calls {
+                            let window = &all[i % all.len()];
+                            std::hint::black_box(runner.run(window).map(|o| o.len()).unwrap_or(0));
+                        }
+                    } else {
+                        let mut inputs = Vec::with_capacity(batch);
+                        for i in calls.by_ref() {
+                            inputs.clear();
+                            inputs.extend(
+                                (i..(i + batch).min(windows))
+                                    .map(|j| all[j % all.len()].as_slice()),
+                            );
+                            std::hint::black_box(runner.run_batch(&inputs)?.len());
+                        }
                     }
                     Ok(())
                 })
