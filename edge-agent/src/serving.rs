@@ -49,98 +49,6 @@ pub struct ServedModel {
     pub max_batch: usize,
 }
 
-/// Runs a zero window a few times: warms the model up and measures it.
-fn probe(runner: &Runner) -> Result<Duration, models::ModelError> {
-    let zeros = vec![0.0; runner.input_len()];
-    let mut times = Vec::with_capacity(PROBE_RUNS);
-    for _ in 0..PROBE_RUNS {
-        let started = Instant::now();
-        runner.run(&zeros)?;
-        times.push(started.elapsed());
-    }
-    times.sort();
-    Ok(times[PROBE_RUNS / 2])
-}
-
-const PROBE_RUNS: usize = 5;
-
-/// The batch sizes a model is optimised for: powers of two from 2 up to `max_batch`.
-fn batch_sizes(max_batch: usize) -> Vec<usize> {
-    std::iter::successors(Some(2_usize), |b| b.checked_mul(2))
-        .take_while(|&b| b <= max_batch)
-        .collect()
-}
-
-/// A batch size is kept only where a window costs at most this share of a call of its own.
-const BATCH_PAYS: f64 = 0.75;
-
-/// How far a window's outputs from a batched call may stray from its own call's, relative to
-/// the value where that exceeds 1.
-const BATCH_TOLERANCE: f32 = 1e-4;
-
-/// Keeps the batched plans that pay: each size runs a few calls over distinct windows, and
-/// stays if a window costs at most [`BATCH_PAYS`] of `single` and gets the outputs it gets
-/// alone. Sizes are dropped from the first that does not pay, so a kept size never has a
-/// dearer smaller one beneath it.
-fn keep_batches_that_pay(runner: Runner, single: Duration) -> Result<Runner, models::ModelError> {
-    if runner.max_batch() == 1 {
-        return Ok(runner);
-    }
-    let windows = probe_windows(runner.input_len(), runner.max_batch());
-    let inputs: Vec<&[f32]> = windows.iter().map(Vec::as_slice).collect();
-    let alone = inputs
-        .iter()
-        .map(|w| runner.run(w))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut keep = Vec::new();
-    for batch in runner.batch_sizes().into_iter().skip(1) {
-        let mut times = Vec::with_capacity(PROBE_RUNS);
-        let mut together = Vec::new();
-        for _ in 0..PROBE_RUNS {
-            let started = Instant::now();
-            together = runner.run_batch(&inputs[..batch])?;
-            times.push(started.elapsed() / batch as u32);
-        }
-        times.sort();
-        let pays = times[PROBE_RUNS / 2].as_secs_f64() <= BATCH_PAYS * single.as_secs_f64();
-        if !(pays && same_outputs(&alone[..batch], &together)) {
-            break;
-        }
-        keep.push(batch);
-    }
-    Ok(runner.with_batches(|b| keep.contains(&b)))
-}
-
-/// `count` windows of a fixed xorshift sequence in [-1, 1): the same at every load.
-fn probe_windows(len: usize, count: usize) -> Vec<Vec<f32>> {
-    let mut state = 0x9e37_79b9_u32;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-    };
-    (0..count)
-        .map(|_| (0..len).map(|_| next()).collect())
-        .collect()
-}
-
-/// Whether two runs' outputs agree within [`BATCH_TOLERANCE`].
-fn same_outputs(alone: &[Vec<models::Output>], together: &[Vec<models::Output>]) -> bool {
-    alone.len() == together.len()
-        && alone.iter().zip(together).all(|(a, t)| {
-            a.len() == t.len()
-                && a.iter().zip(t).all(|(a, t)| {
-                    a.shape == t.shape
-                        && a.data.len() == t.data.len()
-                        && a.data.iter().zip(&t.data).all(|(x, y)| {
-                            (x - y).abs() <= BATCH_TOLERANCE * x.abs().max(1.0)
-                                || (x.is_nan() && y.is_nan())
-                        })
-                })
-        })
-}
-
 impl ServedModel {
     /// Loads and optimises the model a config section describes.
     pub fn load(section: &ModelSection) -> anyhow::Result<Self> {
@@ -159,7 +67,9 @@ impl ServedModel {
             .as_deref()
             .or(zoo.map(|z| z.input_shape));
         let runner = loaded
-            .and_then(|m| m.optimize_batched(shape, &batch_sizes(section.max_batch)))
+            .and_then(|m| {
+                m.optimize_batched(shape, &models::runner::batch_ladder(section.max_batch))
+            })
             .with_context(|| format!("loading model {name:?}"))?;
         let score_name = section
             .score_output
@@ -189,7 +99,12 @@ impl ServedModel {
     ) -> anyhow::Result<Self> {
         let name = &current.name;
         let runner = LoadedModel::from_bytes(bytes)
-            .and_then(|m| m.optimize_batched(Some(shape), &batch_sizes(current.max_batch)))
+            .and_then(|m| {
+                m.optimize_batched(
+                    Some(shape),
+                    &models::runner::batch_ladder(current.max_batch),
+                )
+            })
             .with_context(|| format!("loading {name} v{version}"))?;
         if runner.input_len() != current.window {
             bail!(
@@ -252,10 +167,12 @@ impl ServedModel {
                 .get(score_index)
                 .map_or("", String::as_str),
         );
-        let probe_time =
-            probe(&runner).with_context(|| format!("model {name:?} fails on a zero window"))?;
+        let probe_time = runner
+            .time_one_window(Instant::now)
+            .with_context(|| format!("model {name:?} fails on a zero window"))?;
         let built = runner.batch_sizes();
-        let runner = keep_batches_that_pay(runner, probe_time)
+        let runner = runner
+            .keep_batches_that_pay(probe_time, Instant::now)
             .with_context(|| format!("model {name:?} fails on a batch of windows"))?;
         tracing::info!(
             model = %name,
@@ -513,50 +430,4 @@ impl ModelSlots {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn autoencoder() -> Runner {
-        LoadedModel::from_bytes(models::zoo::VIBRATION_AE.nnef)
-            .and_then(|m| m.optimize_batched(None, &batch_sizes(32)))
-            .expect("loads")
-    }
-
-    #[test]
-    fn batch_sizes_are_the_powers_of_two_up_to_the_cap() {
-        assert_eq!(batch_sizes(1), Vec::<usize>::new());
-        assert_eq!(batch_sizes(2), vec![2]);
-        assert_eq!(batch_sizes(32), vec![2, 4, 8, 16, 32]);
-        assert_eq!(batch_sizes(100), vec![2, 4, 8, 16, 32, 64]);
-    }
-
-    #[test]
-    fn only_batches_cheaper_per_window_than_one_call_are_kept() {
-        // Against one window taking no time at all, no batch pays.
-        let runner = keep_batches_that_pay(autoencoder(), Duration::ZERO).expect("runs");
-        assert_eq!(runner.batch_sizes(), vec![1]);
-        // Against one window taking a second, every batch does (and gives the same outputs).
-        let runner = keep_batches_that_pay(autoencoder(), Duration::from_secs(1)).expect("runs");
-        assert_eq!(runner.batch_sizes(), vec![1, 2, 4, 8, 16, 32]);
-    }
-
-    #[test]
-    fn outputs_that_stray_beyond_the_tolerance_are_not_the_same() {
-        let output = |v: f32| {
-            vec![vec![models::Output {
-                name: "score".into(),
-                shape: vec![1],
-                data: vec![v],
-            }]]
-        };
-        assert!(same_outputs(&output(1000.0), &output(1000.05)));
-        assert!(!same_outputs(&output(1000.0), &output(1000.2)));
-        assert!(same_outputs(&output(0.0), &output(0.00005)));
-        assert!(!same_outputs(&output(0.0), &output(0.0002)));
-        assert!(same_outputs(&output(f32::NAN), &output(f32::NAN)));
-        assert!(!same_outputs(&output(1.0), &[]));
-    }
 }

@@ -16,6 +16,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tract_nnef::internal::DimLike;
 use tract_nnef::prelude::*;
@@ -573,6 +574,56 @@ impl Runner {
         }
     }
 
+    /// What a call over one window costs: the median of a few calls on a zero window, the
+    /// first of which also warms the plan up. `clock` is the caller's: this crate reads none.
+    pub fn time_one_window(&self, clock: impl Fn() -> Instant) -> Result<Duration, ModelError> {
+        let zeros = vec![0.0; self.input_len()];
+        let mut times = Vec::with_capacity(CALIBRATION_RUNS);
+        for _ in 0..CALIBRATION_RUNS {
+            let started = clock();
+            self.run(&zeros)?;
+            times.push(clock().saturating_duration_since(started));
+        }
+        times.sort();
+        Ok(times[CALIBRATION_RUNS / 2])
+    }
+
+    /// The same model with only the batched plans that pay on this machine: each size runs a
+    /// few calls over distinct windows, and stays if a window costs at most [`BATCH_PAYS`] of
+    /// `one_window` (what a call over a single window costs) and gets the outputs it gets
+    /// alone, within [`BATCH_TOLERANCE`]. Sizes go from the first that fails, so a kept size
+    /// never has a dearer one beneath it. `clock` is the caller's: this crate reads none.
+    pub fn keep_batches_that_pay(
+        &self,
+        one_window: Duration,
+        clock: impl Fn() -> Instant,
+    ) -> Result<Runner, ModelError> {
+        let windows = probe_windows(self.input_len(), self.max_batch());
+        let inputs: Vec<&[f32]> = windows.iter().map(Vec::as_slice).collect();
+        let alone = inputs
+            .iter()
+            .map(|w| self.run(w))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut keep = Vec::new();
+        for batch in self.batch_sizes().into_iter().skip(1) {
+            let mut times = Vec::with_capacity(CALIBRATION_RUNS);
+            let mut together = Vec::new();
+            for _ in 0..CALIBRATION_RUNS {
+                let started = clock();
+                together = self.run_batch(&inputs[..batch])?;
+                times.push(clock().saturating_duration_since(started) / batch as u32);
+            }
+            times.sort();
+            let each = times[CALIBRATION_RUNS / 2];
+            let pays = each.as_secs_f64() <= BATCH_PAYS * one_window.as_secs_f64();
+            if !(pays && same_outputs(&alone[..batch], &together)) {
+                break;
+            }
+            keep.push(batch);
+        }
+        Ok(self.with_batches(|b| keep.contains(&b)))
+    }
+
     /// Runs the model on one input (row-major, [`Runner::input_len`] values).
     pub fn run(&self, input: &[f32]) -> Result<Vec<Output>, ModelError> {
         let inner = &*self.inner;
@@ -682,6 +733,53 @@ impl RunnerInner {
     }
 }
 
+/// The batch sizes worth building plans for: powers of two from 2 up to `max_batch`.
+pub fn batch_ladder(max_batch: usize) -> Vec<usize> {
+    std::iter::successors(Some(2_usize), |b| b.checked_mul(2))
+        .take_while(|&b| b <= max_batch)
+        .collect()
+}
+
+/// A batch size is kept only where a window costs at most this share of a call of its own.
+pub const BATCH_PAYS: f64 = 0.75;
+
+/// How far a window's outputs from a batched call may stray from its own call's, relative to
+/// the value where that exceeds 1.
+pub const BATCH_TOLERANCE: f32 = 1e-4;
+
+/// Calls timed per batch size, and for one window; the median counts.
+const CALIBRATION_RUNS: usize = 5;
+
+/// `count` windows of a fixed xorshift sequence in [-1, 1): the same at every load.
+fn probe_windows(len: usize, count: usize) -> Vec<Vec<f32>> {
+    let mut state = 0x9e37_79b9_u32;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+    };
+    (0..count)
+        .map(|_| (0..len).map(|_| next()).collect())
+        .collect()
+}
+
+/// Whether two runs' outputs agree within [`BATCH_TOLERANCE`].
+fn same_outputs(alone: &[Vec<Output>], together: &[Vec<Output>]) -> bool {
+    alone.len() == together.len()
+        && alone.iter().zip(together).all(|(a, t)| {
+            a.len() == t.len()
+                && a.iter().zip(t).all(|(a, t)| {
+                    a.shape == t.shape
+                        && a.data.len() == t.data.len()
+                        && a.data.iter().zip(&t.data).all(|(x, y)| {
+                            (x - y).abs() <= BATCH_TOLERANCE * x.abs().max(1.0)
+                                || (x.is_nan() && y.is_nan())
+                        })
+                })
+        })
+}
+
 /// Calls `f` with an output's values as `f32`, converted where the model gives another type.
 fn with_f32<R>(value: &TValue, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
     let as_f32 = value
@@ -751,5 +849,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn batch_ladder_is_the_powers_of_two_up_to_the_cap() {
+        assert_eq!(batch_ladder(1), Vec::<usize>::new());
+        assert_eq!(batch_ladder(2), vec![2]);
+        assert_eq!(batch_ladder(32), vec![2, 4, 8, 16, 32]);
+        assert_eq!(batch_ladder(100), vec![2, 4, 8, 16, 32, 64]);
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // the fake clock needs an Instant to start from
+    fn only_batches_cheaper_per_window_than_one_call_are_kept() {
+        let runner = LoadedModel::from_bytes(crate::zoo::VIBRATION_AE.nnef)
+            .and_then(|m| m.optimize_batched(None, &batch_ladder(32)))
+            .expect("loads");
+        // A clock under which every call takes one second, whatever it runs: a window of a
+        // batch of b costs 1/b s, so batches pay against one window alone at 0.7 s
+        // (0.5 ≤ 0.75 × 0.7) and none does at 0.6 s (0.5 > 0.45).
+        let keeps = |one_window: Duration| {
+            let start = Instant::now();
+            let reads = std::cell::Cell::new(0_u64);
+            let clock = || {
+                reads.set(reads.get() + 1);
+                start + Duration::from_secs(reads.get() / 2)
+            };
+            runner
+                .keep_batches_that_pay(one_window, clock)
+                .expect("runs")
+                .batch_sizes()
+        };
+        assert_eq!(keeps(Duration::from_millis(700)), vec![1, 2, 4, 8, 16, 32]);
+        assert_eq!(keeps(Duration::from_millis(600)), vec![1]);
+    }
+
+    #[test]
+    fn outputs_that_stray_beyond_the_tolerance_are_not_the_same() {
+        let output = |v: f32| {
+            vec![vec![Output {
+                name: "score".into(),
+                shape: vec![1],
+                data: vec![v],
+            }]]
+        };
+        assert!(same_outputs(&output(1000.0), &output(1000.05)));
+        assert!(!same_outputs(&output(1000.0), &output(1000.2)));
+        assert!(same_outputs(&output(0.0), &output(0.00005)));
+        assert!(!same_outputs(&output(0.0), &output(0.0002)));
+        assert!(same_outputs(&output(f32::NAN), &output(f32::NAN)));
+        assert!(!same_outputs(&output(1.0), &[]));
     }
 }
