@@ -11,13 +11,14 @@ use tokio_util::sync::CancellationToken;
 use crate::replica::{ModelSource, Replica, ReplicaConfig};
 use crate::tls::TlsFiles;
 
-/// Logs to stderr at `RUST_LOG` (default `info`).
+/// Logs to stderr at `RUST_LOG` (default `info`), coloured only on a terminal.
 pub fn logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

@@ -113,6 +113,7 @@ fn tracing_subscriber_init() {
                     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
             )
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .finish(),
     );
 }
