@@ -49,6 +49,9 @@ pub struct ReplicaArgs {
     /// Requests that may wait for a thread.
     #[arg(long, default_value_t = 256)]
     pub queue: usize,
+    /// Most queued requests one inference call may serve (1..=256; kept only where it pays).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub max_batch: u16,
     /// Most simultaneous connections.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
@@ -88,6 +91,7 @@ pub fn replica(args: ReplicaArgs) -> anyhow::Result<()> {
         input_shape: (!args.input_shape.is_empty()).then_some(args.input_shape),
         workers,
         queue: args.queue,
+        max_batch: usize::from(args.max_batch),
         max_connections: args.max_connections,
         max_frame: args.max_frame,
         drain: Duration::from_millis(args.drain_ms),

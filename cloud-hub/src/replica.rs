@@ -57,6 +57,8 @@ pub struct ReplicaConfig {
     pub workers: usize,
     /// Requests that may wait for a thread.
     pub queue: usize,
+    /// Most queued requests one inference call may serve (kept only where batches pay).
+    pub max_batch: usize,
     /// Most simultaneous connections.
     pub max_connections: usize,
     /// Largest request frame body.
@@ -144,12 +146,22 @@ impl Replica {
         };
         let shape = config.input_shape.as_deref().or(zoo.map(|z| z.input_shape));
         let runner = loaded
-            .and_then(|m| m.optimize(shape))
+            .and_then(|m| {
+                m.optimize_batched(shape, &models::runner::batch_ladder(config.max_batch))
+            })
             .context("loading the model")?;
-        // One run before serving, so the first request does not pay for warming up.
-        runner
-            .run(&vec![0.0; runner.input_len()])
+        // Timed runs before serving, which also spare the first request the warm-up.
+        let one_window = runner
+            .time_one_window(Instant::now)
             .context("the model fails on a zero input")?;
+        let runner = runner
+            .keep_batches_that_pay(one_window, Instant::now)
+            .context("the model fails on a batch of inputs")?;
+        tracing::info!(
+            one_window_us = one_window.as_micros() as u64,
+            batches = ?runner.batch_sizes(),
+            "model ready"
+        );
         let served = Arc::new(Served {
             name: config.name.clone().unwrap_or(default_name),
             version: config.version,
@@ -392,38 +404,65 @@ fn load(ctx: &Ctx) -> ReplicaLoad {
 }
 
 fn work(jobs: &Receiver<Work>, served: &Served, stats: &Stats) {
-    while let Ok(work) = jobs.recv() {
-        let id = work.request.id;
-        let started = Instant::now();
-        if started > work.expires {
-            if crate::sampled(&stats.expired) {
-                tracing::info!(
-                    total = stats.expired.load(Ordering::Relaxed),
-                    "dropped a request whose deadline passed in the queue"
-                );
+    let most = served.runner.max_batch();
+    let mut taken = Vec::with_capacity(most);
+    while let Ok(first) = jobs.recv() {
+        // What else is queued already runs in the same call; nothing waits for more.
+        taken.push(first);
+        while taken.len() < most {
+            match jobs.try_recv() {
+                Ok(work) => taken.push(work),
+                Err(_) => break,
             }
-            let _ = work.reply.send(Message::Error(Error {
-                id: Some(id),
-                code: ErrorCode::DeadlineExceeded,
-                message: format!(
-                    "deadline passed after {} ms in the queue",
-                    started.duration_since(work.arrived).as_millis()
-                ),
-            }));
-            continue;
         }
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = served.runner.run(&work.request.data);
-        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let took = started.elapsed().as_micros() as u64;
-        let old = stats.service_us.load(Ordering::Relaxed);
-        let ewma = if old == 0 { took } else { (old * 7 + took) / 8 };
-        stats.service_us.store(ewma, Ordering::Relaxed);
-        let reply = match result {
-            Ok(outputs) => {
-                stats.served.fetch_add(1, Ordering::Relaxed);
-                Message::InferResponse(InferResponse {
-                    id,
+        let started = Instant::now();
+        let (live, late): (Vec<Work>, Vec<Work>) =
+            taken.drain(..).partition(|w| started <= w.expires);
+        for work in late {
+            expire(work, started, stats);
+        }
+        if !live.is_empty() {
+            serve(live, started, served, stats);
+        }
+    }
+}
+
+/// Answers a request whose deadline passed while it waited, without running it.
+fn expire(work: Work, now: Instant, stats: &Stats) {
+    if crate::sampled(&stats.expired) {
+        tracing::info!(
+            total = stats.expired.load(Ordering::Relaxed),
+            "dropped a request whose deadline passed in the queue"
+        );
+    }
+    let _ = work.reply.send(Message::Error(Error {
+        id: Some(work.request.id),
+        code: ErrorCode::DeadlineExceeded,
+        message: format!(
+            "deadline passed after {} ms in the queue",
+            now.duration_since(work.arrived).as_millis()
+        ),
+    }));
+}
+
+/// Runs `live` in one call and answers each request.
+fn serve(live: Vec<Work>, started: Instant, served: &Served, stats: &Stats) {
+    let count = u32::try_from(live.len()).unwrap_or(u32::MAX);
+    stats.in_flight.fetch_add(count, Ordering::Relaxed);
+    let inputs: Vec<&[f32]> = live.iter().map(|w| w.request.data.as_slice()).collect();
+    let results = served.runner.run_batch(&inputs);
+    stats.in_flight.fetch_sub(count, Ordering::Relaxed);
+    // The service time is a window's share of the call: what capacity estimates need.
+    let took = started.elapsed().as_micros() as u64 / u64::from(count.max(1));
+    let old = stats.service_us.load(Ordering::Relaxed);
+    let ewma = if old == 0 { took } else { (old * 7 + took) / 8 };
+    stats.service_us.store(ewma, Ordering::Relaxed);
+    match results {
+        Ok(results) => {
+            stats.served.fetch_add(u64::from(count), Ordering::Relaxed);
+            for (work, outputs) in live.into_iter().zip(results) {
+                let reply = Message::InferResponse(InferResponse {
+                    id: work.request.id,
                     outputs: outputs
                         .into_iter()
                         .map(|o| Tensor {
@@ -434,15 +473,19 @@ fn work(jobs: &Receiver<Work>, served: &Served, stats: &Stats) {
                         .collect(),
                     model_version: served.version,
                     server_time_us: work.arrived.elapsed().as_micros() as u64,
-                })
+                });
+                // The requester may have given up; its answer is then dropped here.
+                let _ = work.reply.send(reply);
             }
-            Err(e) => Message::Error(Error {
-                id: Some(id),
-                code: ErrorCode::Internal,
-                message: e.to_string(),
-            }),
-        };
-        // The requester may have given up; its answer is then dropped here.
-        let _ = work.reply.send(reply);
+        }
+        Err(e) => {
+            for work in live {
+                let _ = work.reply.send(Message::Error(Error {
+                    id: Some(work.request.id),
+                    code: ErrorCode::Internal,
+                    message: e.to_string(),
+                }));
+            }
+        }
     }
 }

@@ -343,3 +343,72 @@ async fn clients_without_a_fleet_certificate_are_refused() -> anyhow::Result<()>
     assert!(log.contains("handshake failed"), "replica log:\n{log}");
     Ok(())
 }
+
+/// Requests that arrive together share an inference call on the replica, and each still gets
+/// the answer for its own window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_served_in_one_call_each_get_their_own_windows_answer() -> anyhow::Result<()> {
+    use protocol::frame::{InferRequest, Message, RequestId};
+    const REQUESTS: usize = 2_000;
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let certs = Certs::new()?;
+    let replica = ReplicaProcess::start(&certs, "vibration-ae", 1, &["--queue", "4096"])?;
+    let reference = spillway_tests::reference("vibration-ae")?;
+    let shape: Vec<u32> = models::zoo::VIBRATION_AE
+        .input_shape
+        .iter()
+        .map(|&d| d as u32)
+        .collect();
+
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(edge_agent::offload::client_config(
+        &certs.path("ca.pem"),
+        &certs.path("agent.pem"),
+        &certs.path("agent.key"),
+    )?);
+    let conn = endpoint.connect(replica.addr(), "localhost")?.await?;
+    // All at once, so the replica's single thread finds many waiting each time it looks.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..REQUESTS {
+        let conn = conn.clone();
+        let request = Message::InferRequest(InferRequest {
+            id: RequestId(i as u64),
+            model: "vibration-ae".into(),
+            shape: shape.clone(),
+            data: reference.windows[i % reference.windows.len()].clone(),
+            deadline_ms: 60_000,
+        });
+        calls.spawn(async move {
+            let answer = edge_agent::offload::exchange(&conn, &request).await;
+            (i, answer)
+        });
+    }
+    let mut answered = vec![false; REQUESTS];
+    while let Some(joined) = calls.join_next().await {
+        let (i, answer) = joined?;
+        let Message::InferResponse(response) = answer? else {
+            panic!("request {i} was not answered with a result");
+        };
+        assert_eq!(response.id, RequestId(i as u64));
+        let score = response
+            .outputs
+            .iter()
+            .find(|t| t.name == "score")
+            .expect("a score output")
+            .data[0];
+        let want = reference.scores[i % reference.scores.len()];
+        assert!(
+            (score - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "request {i}: score {score}, onnxruntime says {want}"
+        );
+        answered[i] = true;
+    }
+    assert!(answered.iter().all(|&a| a));
+    // The calibration kept batched plans, so the calls above could share them.
+    let log = replica.log();
+    assert!(
+        log.contains("batches=[1, 2"),
+        "no batch size paid on this machine:\n{log}"
+    );
+    Ok(())
+}
