@@ -146,8 +146,13 @@ impl ReplicaProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        Ok(self.child.as_ref().context("replica stopped")?.id())
+    }
+
     fn signal(&self, sig: &str) -> anyhow::Result<()> {
-        let pid = self.child.as_ref().context("replica stopped")?.id();
+        let pid = self.pid()?;
         Command::new("kill")
             .args([sig, &pid.to_string()])
             .status()?;

@@ -10,10 +10,14 @@
 //!    time: p50/p99; then 32 at a time: requests per second. Two clients in interleaved
 //!    rounds: one on a single I/O thread, as the agent's offload client runs, and one on a
 //!    2-worker runtime.
+//! 3. **Replica batching.** Two one-thread replicas of the autoencoder, one that runs every
+//!    request in a call of its own (`--max-batch 1`) and one that runs the queued ones
+//!    together (the default), each loaded by its own client with 64 requests out at all times,
+//!    in interleaved rounds: requests per second and the replica's CPU per request.
 //!
 //! Run: `cargo build --release --workspace --bins && target/release/bench-offload`
-//! (`--quick` shortens the burst phases; `--quic-only` skips the burst). The burst needs root
-//! (cgroups) and mosquitto.
+//! (`--quick` shortens the burst phases; `--quic-only` skips the burst and the batching part,
+//! `--batching-only` runs only that). The burst needs root (cgroups) and mosquitto.
 
 #![allow(clippy::disallowed_methods)] // a benchmark reads the clock
 
@@ -32,15 +36,22 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let quic_only = args.iter().any(|a| a == "--quic-only");
+    let batching_only = args.iter().any(|a| a == "--batching-only");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    if !quic_only {
+    if !quic_only && !batching_only {
         runtime.block_on(burst(quick))?;
     }
     drop(runtime);
-    quic()
+    if !batching_only {
+        quic()?;
+    }
+    if !quic_only {
+        batching()?;
+    }
+    Ok(())
 }
 
 async fn burst(quick: bool) -> anyhow::Result<()> {
@@ -297,5 +308,65 @@ fn quic() -> anyhow::Result<()> {
         "| requests/s, {in_flight} in flight, one connection (median of 3) | {a:.0} | {b:.0} | {:.2} | |",
         a / b
     );
+    Ok(())
+}
+
+/// A replica that runs each request alone against one that runs the queued ones together:
+/// the same model, one inference thread each, loaded in interleaved rounds.
+fn batching() -> anyhow::Result<()> {
+    use protocol::frame::{InferRequest, RequestId};
+    const IN_FLIGHT: usize = 64;
+    const ROUNDS: usize = 5;
+    let certs = Certs::new()?;
+    let alone = ReplicaProcess::start(&certs, "vibration-ae", 1, &["--max-batch", "1"])?;
+    let together = ReplicaProcess::start(&certs, "vibration-ae", 1, &[])?;
+    let reference = spillway_tests::reference("vibration-ae")?;
+    let request = Message::InferRequest(InferRequest {
+        id: RequestId(1),
+        model: "vibration-ae".into(),
+        shape: models::zoo::VIBRATION_AE
+            .input_shape
+            .iter()
+            .map(|&d| d as u32)
+            .collect(),
+        data: reference.windows[0].clone(),
+        deadline_ms: 10_000,
+    });
+    let client = |addr| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Client::connect(runtime, &certs, addr)
+    };
+    let replicas = [
+        ("one request a call", &alone),
+        ("queued requests together", &together),
+    ];
+    let clients = [client(alone.addr())?, client(together.addr())?];
+    let mut rates = [Vec::new(), Vec::new()];
+    let mut cpu_us = [Vec::new(), Vec::new()];
+    for _ in 0..ROUNDS {
+        for (i, ((_, replica), client)) in replicas.iter().zip(&clients).enumerate() {
+            let cpu = spillway_tests::load::cpu_secs(replica.pid()?)?;
+            let rate = client.parallel(&request, IN_FLIGHT, Duration::from_secs(1))?;
+            let used = spillway_tests::load::cpu_secs(replica.pid()?)? - cpu;
+            rates[i].push(rate);
+            cpu_us[i].push(used / rate * 1e6);
+        }
+    }
+    println!(
+        "\nReplica batching: vibration-ae, one inference thread, {IN_FLIGHT} requests in flight on one connection, {ROUNDS} interleaved rounds of 1 s (medians).\n"
+    );
+    println!("| replica | requests/s | replica CPU per request (µs) |");
+    println!("| --- | --- | --- |");
+    for (i, (name, _)) in replicas.iter().enumerate() {
+        println!(
+            "| {name} | {:.0} | {:.1} |",
+            median(&mut rates[i]),
+            median(&mut cpu_us[i])
+        );
+    }
+    let [a, b] = &mut rates;
+    println!("\ntogether ÷ alone: {:.2}", median(b) / median(a));
     Ok(())
 }
