@@ -297,7 +297,11 @@ async fn session(
                     send.write_all(&frame::encode(&message)).await?;
                 }
                 stream = conn.accept_bi() => {
-                    let (send, recv) = stream?;
+                    let (send, recv) = match stream {
+                        Ok(stream) => stream,
+                        Err(e) if said_goodbye(&e) => return Ok(()),
+                        Err(e) => return Err(e.into()),
+                    };
                     if fetches.load(Ordering::Relaxed) >= MAX_FETCHES {
                         Hub::bump(&hub.counters.downloads_refused);
                         drop((send, recv));
@@ -335,6 +339,7 @@ async fn session(
                         }
                     }
                     Ok(None) => return Ok(()),
+                    Err(e) if goodbye_while_reading(&e) => return Ok(()),
                     Err(e) => {
                         Hub::bump(&hub.counters.bad_frames);
                         return Err(e);
@@ -350,6 +355,17 @@ async fn session(
         conn.close(0u32.into(), b"hub stopping");
     }
     result
+}
+
+/// Whether the agent closed the connection on purpose (code 0, as it does when it stops):
+/// the end of a session, not a fault in it.
+fn said_goodbye(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ApplicationClosed(close) if close.error_code == 0u32.into())
+}
+
+/// [`said_goodbye`], as a read of the control stream reports it.
+fn goodbye_while_reading(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref(), Some(quinn::ReadError::ConnectionLost(c)) if said_goodbye(c))
 }
 
 /// Model downloads one agent may run at once.

@@ -116,6 +116,19 @@ fn agents_enrol_report_and_go_offline_when_silent() -> anyhow::Result<()> {
         metrics.contains("spillway_hub_agents_went_offline_total 1"),
         "{metrics}"
     );
+
+    // gw-3 stops as asked: it says goodbye, which is neither a bad frame nor an error.
+    let (_, mut stopping) = members.pop().expect("gw-3");
+    assert!(stopping.agent.terminate(Duration::from_secs(10))?);
+    assert!(
+        hub.wait(Duration::from_secs(5), |h| !h.online("gw-3"))
+            .is_some(),
+        "gw-3 still online after stopping"
+    );
+    let metrics = hub.get_text("/metrics")?;
+    assert_eq!(metric(&metrics, "spillway_hub_bad_frames_total"), 0.0);
+    let log = hub.log();
+    assert!(!log.contains("session ended"), "hub log:\n{log}");
     Ok(())
 }
 
