@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use protocol::edge::{OFFLINE, Status, Topics};
 use protocol::frame::Heartbeat;
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -288,7 +288,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 Counters::bump(&shared.counters.mqtt_acks);
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                tracing::info!(filter = %filter, codes = ?ack.return_codes, "subscribed");
+                if ack
+                    .return_codes
+                    .iter()
+                    .all(|c| matches!(c, SubscribeReasonCode::Success(_)))
+                {
+                    Counters::bump(&shared.counters.mqtt_subscriptions);
+                    tracing::info!(filter = %filter, "subscribed");
+                } else {
+                    // The broker's access rules refuse it: nothing arrives until they change.
+                    Counters::bump(&shared.counters.mqtt_subscriptions_refused);
+                    tracing::error!(filter = %filter, "the broker refused the subscription");
+                }
             }
             Ok(_) => {}
             Err(e) => {

@@ -63,6 +63,10 @@ counters! {
     messages_after_shutdown,
     /// Connections to the broker established.
     mqtt_connects,
+    /// Subscriptions to the data topics the broker granted (one per connection).
+    mqtt_subscriptions,
+    /// Subscriptions to the data topics the broker refused.
+    mqtt_subscriptions_refused,
     /// Connections to the broker lost or refused.
     mqtt_connection_errors,
     /// Enrolments with the hub that succeeded.

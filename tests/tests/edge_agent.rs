@@ -535,6 +535,8 @@ async fn broker_restart_reconnects_resubscribes_and_reports_losses() -> anyhow::
         .expect("final status");
     let c = &status.counters;
     assert!(c["mqtt_connects"] >= 2, "reconnected: {c:?}");
+    assert!(c["mqtt_subscriptions"] >= 2, "resubscribed: {c:?}");
+    assert_eq!(c["mqtt_subscriptions_refused"], 0, "{c:?}");
     let answered = listener.result_count() as u64;
     let published = sent.load(std::sync::atomic::Ordering::Relaxed) + 1_000 + (i - 3_000);
     println!(
