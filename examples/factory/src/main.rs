@@ -291,6 +291,16 @@ async fn demo(args: Args, port: u16) -> anyhow::Result<()> {
     );
     println!("dashboard: http://{}/", hub.http);
     println!("results on spillway/factory/+/+/inference; Ctrl-C to stop\n");
+    // The machines start once every agent's status says it holds its subscription: windows
+    // published before that would reach no one.
+    let waited = Instant::now();
+    while subscribed(&tally) < lines {
+        if waited.elapsed() > Duration::from_secs(10) {
+            println!("-- not every agent is subscribed after 10 s; starting the machines anyway");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let machines_stop = CancellationToken::new();
     let mut machines = Vec::new();
     for m in 0..args.machines {
@@ -452,6 +462,15 @@ async fn demo(args: Args, port: u16) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Agents whose last status says the broker granted their subscription.
+fn subscribed(tally: &Tally) -> usize {
+    tally.status.lock().map_or(0, |all| {
+        all.values()
+            .filter(|s| s.counters.get("mqtt_subscriptions").is_some_and(|&n| n > 0))
+            .count()
+    })
 }
 
 fn percentiles(values: &mut [u64]) -> (u64, u64) {
