@@ -58,8 +58,9 @@ struct Args {
     /// How long a burst lasts.
     #[arg(long, default_value_t = 12.0)]
     burst_secs: f64,
-    /// Gearbox windows per second during a burst (100 otherwise).
-    #[arg(long, default_value_t = 4000)]
+    /// Gearbox windows per second during a burst (100 otherwise); 0: a little more than one
+    /// inference thread of this machine serves of the gearbox model, measured at start.
+    #[arg(long, default_value_t = 0)]
     burst_rate: u32,
 }
 
@@ -89,10 +90,11 @@ struct Tally {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Replicas the hub starts share the demo's terminal: they too log warnings only.
+    tracing_subscriber_init();
     if let Some(Sub::Replica(replica)) = args.command {
         return cloud_hub::cli::replica(replica);
     }
-    tracing_subscriber_init();
     let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port();
@@ -262,6 +264,11 @@ async fn start_hub(
 
 async fn demo(args: Args, port: u16) -> anyhow::Result<()> {
     let lines = args.lines.max(1);
+    // A burst the line's one inference thread cannot keep up with, on any machine.
+    let burst_rate = match args.burst_rate {
+        0 => (BURST_OVER_CAPACITY / gearbox_window_secs()?).round() as u32,
+        rate => rate,
+    };
     let state = tempfile::tempdir()?;
     let hub_stop = CancellationToken::new();
     let (hub, hub_task) = start_hub(&state.path().join("hub"), args.http, hub_stop.clone()).await?;
@@ -287,7 +294,7 @@ async fn demo(args: Args, port: u16) -> anyhow::Result<()> {
 
     println!(
         "Spillway factory demo: broker on 127.0.0.1:{port}, {lines} lines (one edge agent each), {} presses at {} windows/s each, a gearbox rig per line bursting to {}/s every {:.0} s",
-        args.machines, args.rate, args.burst_rate, args.burst_every_secs
+        args.machines, args.rate, burst_rate, args.burst_every_secs
     );
     println!("dashboard: http://{}/", hub.http);
     println!("results on spillway/factory/+/+/inference; Ctrl-C to stop\n");
@@ -363,11 +370,11 @@ async fn demo(args: Args, port: u16) -> anyhow::Result<()> {
                 println!("-- burst on line{} over", line + 1);
             }
             if let Some(line) = due {
-                rigs[line].store(u64::from(args.burst_rate), Ordering::Relaxed);
+                rigs[line].store(u64::from(burst_rate), Ordering::Relaxed);
                 println!(
                     "-- burst on line{}: gearbox rig at {}/s",
                     line + 1,
-                    args.burst_rate
+                    burst_rate
                 );
             }
             bursting = due;
@@ -449,9 +456,10 @@ async fn demo(args: Args, port: u16) -> anyhow::Result<()> {
     for (i, summary) in summaries.iter().enumerate() {
         let c = &summary.counters;
         println!(
-            "line{}: {} local inferences, {} remote, {} shed, {} bad payloads, drained cleanly: {}",
+            "line{}: {} results, {} local, {} remote; {} shed, {} bad payloads, drained cleanly: {}",
             i + 1,
             c["inferences_ok"],
+            c["inferences_ok"].saturating_sub(c["remote_results"]),
             c["remote_results"],
             c["windows_shed"],
             c.iter()
@@ -462,6 +470,26 @@ async fn demo(args: Args, port: u16) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A default burst brings this many times what one inference thread serves: enough that the
+/// line must spill, not so much that a two-core machine, which also runs the replicas, cannot
+/// carry it.
+const BURST_OVER_CAPACITY: f64 = 1.05;
+
+/// What one gearbox window costs one thread of this machine, in seconds: the mean of a run of
+/// calls, which like a burst pays for every hiccup of a shared machine.
+fn gearbox_window_secs() -> anyhow::Result<f64> {
+    const CALLS: u32 = 300;
+    let zoo = models::zoo::BEARING_CNN;
+    let runner = models::LoadedModel::from_bytes(zoo.bytes())?.optimize(Some(zoo.input_shape))?;
+    let window = vec![0.0; runner.input_len()];
+    runner.run(&window)?;
+    let started = Instant::now();
+    for _ in 0..CALLS {
+        runner.run(&window)?;
+    }
+    Ok(started.elapsed().as_secs_f64() / f64::from(CALLS))
 }
 
 /// Agents whose last status says the broker granted their subscription.
