@@ -377,13 +377,8 @@ impl Worker<'_> {
             self.meter.refresh_quota();
             self.quota_read = started;
         }
-        let outputs = match group {
-            [job] => model.runner.run(&job.window).map(|o| vec![o]),
-            _ => {
-                let inputs: Vec<&[f32]> = group.iter().map(|j| j.window.as_slice()).collect();
-                model.runner.run_batch(&inputs)
-            }
-        };
+        let inputs: Vec<&[f32]> = group.iter().map(|j| j.window.as_slice()).collect();
+        let outputs = model.runner.run_batch(&inputs);
         let wall = started.elapsed();
         let windows = group.len() as u64;
         self.meter.record_wall(wall, windows);
