@@ -191,7 +191,8 @@ pub struct AgentSection {
     /// Inference worker threads; 0 means one per core.
     #[serde(default)]
     pub workers: usize,
-    /// Windows that may wait for a worker; beyond this, windows are shed and counted.
+    /// Windows that may wait for a worker, all sensors together; when the queue is full, the
+    /// sensor holding the most windows gives up its oldest, counted as shed.
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
     /// Largest sensor payload accepted.

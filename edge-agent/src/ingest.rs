@@ -22,6 +22,8 @@ use crate::window::Window;
 struct Sensor {
     name: Arc<str>,
     model: usize,
+    /// The sensor's lane in the local queue: its number among the sensors, in arrival order.
+    lane: usize,
     window: Box<Window>,
 }
 
@@ -75,14 +77,15 @@ impl Ingest {
     }
 
     /// Handles one publish received at `now` (`wall`: the same moment as Unix seconds),
-    /// handing each completed window to `submit`; a window `submit` gives back is shed.
+    /// handing each completed window to `submit`, which takes it and gives back the window it
+    /// shed to make room, if any (of this sensor or another).
     pub fn handle_publish(
         &mut self,
         topic: &str,
         payload: &[u8],
         now: Instant,
         wall: f64,
-        mut submit: impl FnMut(Job) -> Result<(), Job>,
+        mut submit: impl FnMut(Job) -> Option<Job>,
     ) {
         Counters::bump(&self.counters.messages_received);
         let Some(sensor_name) = self.topics.sensor_of(topic) else {
@@ -123,6 +126,7 @@ impl Ingest {
             let sensor = Sensor {
                 name: Arc::from(sensor_name),
                 model,
+                lane: self.sensors.len(),
                 window: Box::new(Window::new(served.window, served.stride)),
             };
             self.sensors.insert(sensor_name.to_owned(), sensor);
@@ -137,31 +141,34 @@ impl Ingest {
             .fetch_add(samples.values.len() as u64, Ordering::Relaxed);
         let ts = samples.ts.unwrap_or(wall);
         let mut shed = 0u64;
+        let mut shed_from = None;
         let next_id = &mut self.next_id;
         sensor.window.push(&samples.values, |window| {
             let job = Job {
                 id: *next_id,
                 model: sensor.model,
                 sensor: Arc::clone(&sensor.name),
+                lane: sensor.lane,
                 window,
                 ts,
                 created: now,
             };
             *next_id += 1;
-            if submit(job).is_err() {
+            Counters::bump(&self.counters.windows_enqueued);
+            if let Some(dropped) = submit(job) {
                 shed += 1;
-            } else {
-                Counters::bump(&self.counters.windows_enqueued);
+                shed_from = Some(dropped.sensor);
             }
         });
-        if shed > 0 {
+        if let Some(from) = shed_from {
             self.counters
                 .windows_shed
                 .fetch_add(shed, Ordering::Relaxed);
             if let Some(suppressed) = self.limiter.allow("shed", now) {
                 tracing::warn!(
                     suppressed,
-                    "inference queue full: shed {shed} window(s) of sensor {sensor_name:?}"
+                    "inference queue full: shed {shed} window(s), the oldest of the sensor holding \
+                     the most (last {from:?})"
                 );
             }
         }

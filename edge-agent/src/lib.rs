@@ -35,6 +35,7 @@ pub mod hub;
 pub mod ingest;
 pub mod offload;
 pub mod pool;
+pub mod queue;
 pub mod router;
 pub mod serving;
 pub mod status;

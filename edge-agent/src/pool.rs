@@ -1,7 +1,8 @@
 //! The local worker pool: a bounded queue in front of inference threads.
 //!
-//! Windows enter through [`Pool::try_submit`], which never blocks: when the queue is full the
-//! window comes back to the caller to be shed and counted. Workers are plain threads (tract
+//! Windows enter through [`Pool::submit`], which never blocks, into a [`FairQueue`] with a
+//! lane per sensor: when the queue is full, the sensor holding the most windows gives up its
+//! oldest, which comes back to the caller to be shed and counted. Workers are plain threads (tract
 //! is synchronous and CPU-bound), one per core by default; each turns a window into a
 //! finished, serialised MQTT message and hands it to the publisher through a bounded tokio
 //! channel, so a slow broker backs up into the queue and from there into counted shedding,
@@ -22,9 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use protocol::edge::{InferenceResult, Route, Topics};
 
+use crate::queue::{FairQueue, QueueSender, Taken};
 use crate::serving::{ModelSlots, ServedModel};
 use crate::telemetry::Counters;
 
@@ -37,6 +38,8 @@ pub struct Job {
     pub model: usize,
     /// The sensor the window came from.
     pub sensor: Arc<str>,
+    /// The sensor's lane in the queue (its number among the agent's sensors).
+    pub lane: usize,
     /// The samples.
     pub window: Vec<f32>,
     /// Time of the window's last sample, Unix seconds.
@@ -124,8 +127,8 @@ pub struct ServiceTotals {
 /// The running pool.
 #[derive(Debug)]
 pub struct Pool {
-    queue: Sender<Job>,
-    jobs: Receiver<Job>,
+    queue: QueueSender<Job>,
+    jobs: Arc<FairQueue<Job>>,
     workers: Vec<JoinHandle<()>>,
     meter: Arc<ServiceMeter>,
 }
@@ -134,20 +137,18 @@ pub struct Pool {
 ///
 /// The workers stop only when every handle is gone, so a holder's queued work is served.
 #[derive(Debug, Clone)]
-pub struct LocalQueue(Sender<Job>);
+pub struct LocalQueue(QueueSender<Job>);
 
 impl LocalQueue {
-    /// Queues a window, or gives it back when the queue is full.
+    /// Queues a window if there is room, or gives it back; it never sheds another.
     pub fn try_submit(&self, job: Job) -> Result<(), Job> {
-        self.0.try_send(job).map_err(|e| match e {
-            TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
-        })
+        self.0.try_push(job.lane, job)
     }
 }
 
 /// Reads the queue depth of a [`Pool`].
 #[derive(Debug, Clone)]
-pub struct QueueProbe(Receiver<Job>);
+pub struct QueueProbe(Arc<FairQueue<Job>>);
 
 impl QueueProbe {
     /// Windows waiting for a worker.
@@ -171,11 +172,11 @@ impl Pool {
         results: tokio::sync::mpsc::Sender<Vec<Outgoing>>,
         counters: Arc<Counters>,
     ) -> std::io::Result<Pool> {
-        let (queue, jobs) = crossbeam_channel::bounded(capacity);
+        let (jobs, queue) = FairQueue::new(capacity);
         let meter = Arc::new(ServiceMeter::default());
         let workers = (0..workers.max(1))
             .map(|i| {
-                let jobs = jobs.clone();
+                let jobs = Arc::clone(&jobs);
                 let models = Arc::clone(&models);
                 let topics = topics.clone();
                 let results = results.clone();
@@ -204,11 +205,10 @@ impl Pool {
         Arc::clone(&self.meter)
     }
 
-    /// Queues a window, or gives it back when the queue is full.
-    pub fn try_submit(&self, job: Job) -> Result<(), Job> {
-        self.queue.try_send(job).map_err(|e| match e {
-            TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
-        })
+    /// Queues a window; when the queue is full, returns the window shed to make room: the
+    /// oldest of the sensor holding the most, which may be this window's sensor.
+    pub fn submit(&self, job: Job) -> Option<Job> {
+        self.queue.push(job.lane, job)
     }
 
     /// Windows waiting for a worker.
@@ -218,7 +218,7 @@ impl Pool {
 
     /// A handle that reads the queue depth and does not keep the pool open.
     pub fn probe(&self) -> QueueProbe {
-        QueueProbe(self.jobs.clone())
+        QueueProbe(Arc::clone(&self.jobs))
     }
 
     /// Stops taking work, lets the workers finish the queue, and waits for them.
@@ -296,7 +296,7 @@ fn thread_clock() -> Option<Duration> {
 }
 
 fn work(
-    jobs: &Receiver<Job>,
+    jobs: &FairQueue<Job>,
     models: &ModelSlots,
     topics: &Topics,
     results: &tokio::sync::mpsc::Sender<Vec<Outgoing>>,
@@ -315,29 +315,21 @@ fn work(
         span: CpuSpan::start(),
     };
     let mut taken: Vec<Job> = Vec::new();
+    // Whatever else is queued already, up to what the first window's model runs in one call:
+    // serving it together costs a small model hardly more than serving the first window alone.
+    let most = |first: &Job| models.get(first.model).runner.max_batch();
     loop {
-        let first = match jobs.try_recv() {
-            Ok(job) => job,
-            Err(TryRecvError::Disconnected) => break,
-            Err(TryRecvError::Empty) => {
+        match jobs.take(&mut taken, most, false) {
+            Taken::Some => {}
+            Taken::Closed => break,
+            Taken::Empty => {
                 if !hand_off(results, &mut worker.ready, counters) {
                     return;
                 }
                 worker.span.close(meter);
-                match jobs.recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
+                if jobs.take(&mut taken, most, true) == Taken::Closed {
+                    break;
                 }
-            }
-        };
-        // Whatever else is queued already, up to what the model runs in one call: serving it
-        // together costs a small model hardly more than serving the first window alone.
-        let most = models.get(first.model).runner.max_batch();
-        taken.push(first);
-        while taken.len() < most {
-            match jobs.try_recv() {
-                Ok(job) => taken.push(job),
-                Err(_) => break,
             }
         }
         // One group per model; a sensor has one model, so each sensor's windows keep their order.

@@ -1,4 +1,5 @@
-//! The router: every completed window goes local, remote, or (when both are full) is shed.
+//! The router: every completed window goes local or remote; what a full queue sheds gets a
+//! last chance in the cloud.
 //!
 //! [`Router`] joins the pure decision of [`models::offload::OffloadPolicy`] to the agent's
 //! two ways of serving a window: the local [`Pool`] and the [`Offload`] client. It feeds the
@@ -66,33 +67,36 @@ impl Router {
         }
     }
 
-    /// Routes one window completed at `now`; gives it back when it must be shed.
-    pub fn submit(&mut self, job: Job, pool: &Pool, now: Instant) -> Result<(), Job> {
+    /// Routes one window completed at `now`. Returns the window shed to make room for it, if
+    /// any: the local queue takes every window, giving up the oldest of its fullest sensor
+    /// when full, and that one goes to the cloud instead when a replica can still answer it
+    /// in time.
+    pub fn submit(&mut self, job: Job, pool: &Pool, now: Instant) -> Option<Job> {
         self.policy.arrival(now);
         self.pull_service();
         let Some(offload) = &self.offload else {
             Counters::bump(&self.counters.routed_local);
-            return pool.try_submit(job);
+            return pool.submit(job);
         };
+        let queued = pool.queue_len();
+        let snapshot = self.policy.snapshot();
+        // Keep back enough time to run the window locally should the cloud fail: the wait
+        // behind today's queue plus its own service, twice over for safety.
+        let waiting = Duration::from_secs_f64(queued as f64 / snapshot.capacity.max(1e-3));
+        let reserve = |slack: Duration| ((snapshot.service_time + waiting) * 2).min(slack / 2);
         let deadline = job.created + self.slo;
         let slack = deadline.saturating_duration_since(now);
         let estimate = offload.estimate(job.model, now);
-        let queued = pool.queue_len();
-        // Keep back enough time to run the window locally should the cloud fail: the wait
-        // behind today's queue plus its own service, twice over for safety.
-        let snapshot = self.policy.snapshot();
-        let waiting = Duration::from_secs_f64(queued as f64 / snapshot.capacity.max(1e-3));
-        let reserve = ((snapshot.service_time + waiting) * 2).min(slack / 2);
         let c = &self.counters;
         let job = match self.policy.route(queued, slack, estimate) {
-            Route::Remote(reason) => match offload.try_send(job, deadline, reserve) {
+            Route::Remote(reason) => match offload.try_send(job, deadline, reserve(slack)) {
                 Ok(()) => {
                     Counters::bump(if reason == Reason::Forecast {
                         &c.routed_remote_forecast
                     } else {
                         &c.routed_remote_guard
                     });
-                    return Ok(());
+                    return None;
                 }
                 Err(job) => {
                     Counters::bump(&c.local_offload_busy);
@@ -108,15 +112,19 @@ impl Router {
                 job
             }
         };
-        match pool.try_submit(job) {
-            Ok(()) => Ok(()),
-            // The local queue is full: the cloud is the last place before shedding.
-            Err(job) if estimate.is_some_and(|e| e < slack) => {
-                offload.try_send(job, deadline, reserve)?;
+        // The local queue was full: the cloud is the last place before shedding.
+        let shed = pool.submit(job)?;
+        let deadline = shed.created + self.slo;
+        let slack = deadline.saturating_duration_since(now);
+        if offload.estimate(shed.model, now).is_none_or(|e| e >= slack) {
+            return Some(shed);
+        }
+        match offload.try_send(shed, deadline, reserve(slack)) {
+            Ok(()) => {
                 Counters::bump(&c.routed_remote_overflow);
-                Ok(())
+                None
             }
-            Err(job) => Err(job),
+            Err(shed) => Some(shed),
         }
     }
 

@@ -33,9 +33,10 @@ counters! {
     messages_received,
     /// Samples accepted into windows.
     samples_accepted,
-    /// Windows handed to the worker queue.
+    /// Windows completed and handed to the router (local queue or cloud).
     windows_enqueued,
-    /// Windows dropped because the queue was full.
+    /// Queued windows dropped to make room in a full queue: the oldest of the sensor holding
+    /// the most. A window is served unless it is counted here.
     windows_shed,
     /// Inferences that produced a result.
     inferences_ok,

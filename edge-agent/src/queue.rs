@@ -1,0 +1,410 @@
+//! The local queue: one lane per sensor, served in turn, under one bound.
+//!
+//! Windows wait here for the inference workers. Each sensor has a FIFO lane of its own and
+//! the workers take from the lanes in turn, one window per lane per turn, so a window of a
+//! quiet sensor waits behind at most one window of each other busy sensor, not behind a
+//! flooding sensor's whole backlog. The bound (`agent.queue_capacity`) is on all lanes
+//! together, so one busy sensor may still use the whole queue to ride out a burst. When it is
+//! full, the longest lane gives up its oldest window to make room for the one arriving
+//! (longest-queue drop): the sensor sending more than its share loses windows, its stalest
+//! first, and a sensor holding less than the others is never shed.
+//!
+//! [`Lanes`] is that logic as plain data, driven directly by the tests; [`FairQueue`] puts
+//! it behind a mutex and a condition variable for the worker threads and closes, like a
+//! channel, once every [`QueueSender`] is gone.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+/// A lane that held more than this many items gives its memory back when it empties, so a
+/// burst on one sensor does not keep a queue's worth of memory per sensor that ever had one.
+const LANE_KEEP: usize = 64;
+
+/// Per-lane FIFO queues served round robin, with a bound on all of them together.
+#[derive(Debug)]
+pub struct Lanes<T> {
+    lanes: Vec<VecDeque<T>>,
+    /// The lanes holding items, in the order they are served next.
+    turn: VecDeque<usize>,
+    len: usize,
+    capacity: usize,
+}
+
+impl<T> Lanes<T> {
+    /// Empty lanes holding at most `capacity` items together (at least one).
+    pub fn new(capacity: usize) -> Self {
+        Lanes {
+            lanes: Vec::new(),
+            turn: VecDeque::new(),
+            len: 0,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Items held in all lanes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no lane holds an item.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Items held in `lane`.
+    pub fn lane_len(&self, lane: usize) -> usize {
+        self.lanes.get(lane).map_or(0, VecDeque::len)
+    }
+
+    /// Queues `item` at the back of `lane`. When the lanes are full, the longest lane — the
+    /// arriving item's own when none is longer — gives up its oldest item to make room, and
+    /// that item is returned.
+    pub fn push(&mut self, lane: usize, item: T) -> Option<T> {
+        let displaced = if self.len >= self.capacity {
+            self.drop_oldest_of_longest(lane)
+        } else {
+            None
+        };
+        self.enqueue(lane, item);
+        displaced
+    }
+
+    /// Queues `item` at the back of `lane` if there is room; gives it back otherwise.
+    pub fn try_push(&mut self, lane: usize, item: T) -> Result<(), T> {
+        if self.len >= self.capacity {
+            return Err(item);
+        }
+        self.enqueue(lane, item);
+        Ok(())
+    }
+
+    /// The next item: the oldest of the lane whose turn it is.
+    pub fn pop(&mut self) -> Option<T> {
+        let lane = self.turn.pop_front()?;
+        let queue = &mut self.lanes[lane];
+        let item = queue.pop_front()?;
+        if queue.is_empty() {
+            if queue.capacity() > LANE_KEEP {
+                queue.shrink_to(0);
+            }
+        } else {
+            self.turn.push_back(lane);
+        }
+        self.len -= 1;
+        Some(item)
+    }
+
+    fn enqueue(&mut self, lane: usize, item: T) {
+        if lane >= self.lanes.len() {
+            self.lanes.resize_with(lane + 1, VecDeque::new);
+        }
+        let queue = &mut self.lanes[lane];
+        if queue.is_empty() {
+            self.turn.push_back(lane);
+        }
+        queue.push_back(item);
+        self.len += 1;
+    }
+
+    fn drop_oldest_of_longest(&mut self, arriving: usize) -> Option<T> {
+        let own = self.lane_len(arriving);
+        let longest = self
+            .turn
+            .iter()
+            .copied()
+            .max_by_key(|&lane| self.lanes[lane].len())
+            .filter(|&lane| self.lanes[lane].len() > own)
+            .unwrap_or(arriving);
+        let queue = self.lanes.get_mut(longest)?;
+        let item = queue.pop_front()?;
+        if queue.is_empty() {
+            self.turn.retain(|&lane| lane != longest);
+        }
+        self.len -= 1;
+        Some(item)
+    }
+}
+
+/// What a worker's [`FairQueue::take`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// At least one item was taken.
+    Some,
+    /// Nothing was queued (only when not waiting).
+    Empty,
+    /// Nothing was queued and every sender is gone: the workers may stop.
+    Closed,
+}
+
+#[derive(Debug)]
+struct State<T> {
+    lanes: Lanes<T>,
+    senders: usize,
+    /// Workers waiting for an item.
+    waiting: usize,
+}
+
+/// [`Lanes`] shared between the threads that queue work and the workers that take it.
+#[derive(Debug)]
+pub struct FairQueue<T> {
+    state: Mutex<State<T>>,
+    ready: Condvar,
+    /// A copy of the length, readable without the lock (the router reads it per window).
+    len: AtomicUsize,
+}
+
+impl<T> FairQueue<T> {
+    /// A queue of `capacity` items and its first sender.
+    pub fn new(capacity: usize) -> (Arc<FairQueue<T>>, QueueSender<T>) {
+        let queue = Arc::new(FairQueue {
+            state: Mutex::new(State {
+                lanes: Lanes::new(capacity),
+                senders: 1,
+                waiting: 0,
+            }),
+            ready: Condvar::new(),
+            len: AtomicUsize::new(0),
+        });
+        let sender = QueueSender(Arc::clone(&queue));
+        (queue, sender)
+    }
+
+    /// Items waiting.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// Whether no item is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // A panic while the lock was held leaves the lanes consistent: every method of
+        // `Lanes` finishes its changes before it can panic.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the next item and, after it, up to `most(&first) − 1` more, in turn across the
+    /// lanes, into `out`. With `wait`, blocks until there is an item or every sender is gone.
+    pub fn take(&self, out: &mut Vec<T>, most: impl FnOnce(&T) -> usize, wait: bool) -> Taken {
+        let mut state = self.lock();
+        let first = loop {
+            if let Some(item) = state.lanes.pop() {
+                break item;
+            }
+            if state.senders == 0 {
+                return Taken::Closed;
+            }
+            if !wait {
+                return Taken::Empty;
+            }
+            state.waiting += 1;
+            state = self
+                .ready
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.waiting -= 1;
+        };
+        let most = most(&first).max(1);
+        out.push(first);
+        for _ in 1..most {
+            match state.lanes.pop() {
+                Some(item) => out.push(item),
+                None => break,
+            }
+        }
+        self.len.store(state.lanes.len(), Ordering::Relaxed);
+        Taken::Some
+    }
+}
+
+/// A way to queue items; the queue closes when the last one is dropped.
+#[derive(Debug)]
+pub struct QueueSender<T>(Arc<FairQueue<T>>);
+
+impl<T> QueueSender<T> {
+    /// Queues `item` on `lane`; when the queue is full, returns the item given up to make
+    /// room (see [`Lanes::push`]).
+    pub fn push(&self, lane: usize, item: T) -> Option<T> {
+        let mut state = self.0.lock();
+        let displaced = state.lanes.push(lane, item);
+        self.queued(state);
+        displaced
+    }
+
+    /// Queues `item` on `lane` if there is room; gives it back otherwise.
+    pub fn try_push(&self, lane: usize, item: T) -> Result<(), T> {
+        let mut state = self.0.lock();
+        state.lanes.try_push(lane, item)?;
+        self.queued(state);
+        Ok(())
+    }
+
+    fn queued(&self, state: MutexGuard<'_, State<T>>) {
+        self.0.len.store(state.lanes.len(), Ordering::Relaxed);
+        let wake = state.waiting > 0;
+        drop(state);
+        if wake {
+            self.0.ready.notify_one();
+        }
+    }
+}
+
+impl<T> Clone for QueueSender<T> {
+    fn clone(&self) -> Self {
+        self.0.lock().senders += 1;
+        QueueSender(Arc::clone(&self.0))
+    }
+}
+
+impl<T> Drop for QueueSender<T> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.senders -= 1;
+        if state.senders == 0 {
+            drop(state);
+            self.0.ready.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn drain<T>(lanes: &mut Lanes<T>) -> Vec<T> {
+        std::iter::from_fn(|| lanes.pop()).collect()
+    }
+
+    #[test]
+    fn lanes_are_served_in_turn_each_in_its_own_order() {
+        let mut lanes = Lanes::new(100);
+        for i in 0..4 {
+            assert!(lanes.push(0, (0, i)).is_none());
+        }
+        assert!(lanes.push(1, (1, 0)).is_none());
+        assert!(lanes.push(2, (2, 0)).is_none());
+        assert!(lanes.push(2, (2, 1)).is_none());
+        assert_eq!(
+            drain(&mut lanes),
+            [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1), (0, 2), (0, 3)]
+        );
+        assert!(lanes.is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_sheds_the_oldest_of_the_longest_lane() {
+        let mut lanes = Lanes::new(4);
+        for i in 0..3 {
+            lanes.push(7, ("flood", i));
+        }
+        lanes.push(1, ("quiet", 0));
+        // Full: a quiet sensor's window pushes out the flooding sensor's oldest.
+        assert_eq!(lanes.push(1, ("quiet", 1)), Some(("flood", 0)));
+        // Two each: the arriving lane is as long as any, so it gives up its own oldest.
+        assert_eq!(lanes.push(1, ("quiet", 2)), Some(("quiet", 0)));
+        assert_eq!(lanes.push(7, ("flood", 3)), Some(("flood", 1)));
+        assert_eq!(lanes.len(), 4);
+        assert_eq!(lanes.lane_len(7), 2);
+        assert_eq!(
+            drain(&mut lanes),
+            [("flood", 2), ("quiet", 1), ("flood", 3), ("quiet", 2)]
+        );
+        for i in 0..4 {
+            lanes.push(7, ("flood", i));
+        }
+        // `try_push` never sheds.
+        assert_eq!(lanes.try_push(3, ("late", 0)), Err(("late", 0)));
+        assert_eq!(lanes.len(), 4);
+    }
+
+    #[test]
+    fn a_lane_emptied_by_shedding_leaves_the_turn() {
+        let mut lanes = Lanes::new(1);
+        lanes.push(5, 'a');
+        assert_eq!(lanes.push(2, 'b'), Some('a'));
+        assert_eq!(drain(&mut lanes), ['b']);
+        assert!(lanes.turn.is_empty());
+    }
+
+    #[test]
+    fn the_queue_closes_when_the_last_sender_goes_and_what_waits_is_taken_first() {
+        let (queue, sender) = FairQueue::new(8);
+        let other = sender.clone();
+        sender.push(0, 1);
+        drop(sender);
+        other.push(1, 2);
+        let worker = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                while queue.take(&mut got, |_| 1, true) == Taken::Some {}
+                got
+            })
+        };
+        other.push(0, 3);
+        drop(other);
+        assert_eq!(worker.join().ok(), Some(vec![1, 2, 3]));
+        assert_eq!(queue.len(), 0);
+    }
+
+    #[test]
+    fn a_take_gathers_up_to_what_the_first_item_allows() {
+        let (queue, sender) = FairQueue::new(16);
+        for i in 0..10 {
+            sender.push(i % 2, i);
+        }
+        let mut got = Vec::new();
+        assert_eq!(queue.take(&mut got, |&first| first + 4, false), Taken::Some);
+        assert_eq!(got, [0, 1, 2, 3]);
+        assert_eq!(queue.len(), 6);
+        got.clear();
+        assert_eq!(queue.take(&mut got, |_| 100, false), Taken::Some);
+        assert_eq!(got, [4, 5, 6, 7, 8, 9]);
+        assert_eq!(queue.take(&mut got, |_| 1, false), Taken::Empty);
+    }
+
+    proptest! {
+        /// Whatever the arrivals, the bound holds, each lane comes out in its own order, a
+        /// shed item is the oldest of a longest lane (of another lane only if it is longer
+        /// than the arriving one's), and every item comes out exactly once, taken or shed.
+        #[test]
+        fn lanes_keep_their_bound_their_order_and_every_item(
+            capacity in 1usize..12,
+            ops in proptest::collection::vec((0usize..4, any::<bool>()), 0..200),
+        ) {
+            let mut lanes: Lanes<(usize, usize)> = Lanes::new(capacity);
+            let mut model: Vec<VecDeque<usize>> = vec![VecDeque::new(); 4];
+            for (next, (lane, pop)) in ops.into_iter().enumerate() {
+                if pop {
+                    if let Some((l, i)) = lanes.pop() {
+                        prop_assert_eq!(model[l].pop_front(), Some(i));
+                    }
+                    continue;
+                }
+                let full = lanes.len() == capacity;
+                let longest = model.iter().map(VecDeque::len).max().unwrap_or(0);
+                let own = model[lane].len();
+                match lanes.push(lane, (lane, next)) {
+                    Some((l, i)) => {
+                        prop_assert!(full);
+                        prop_assert_eq!(model[l].len(), longest);
+                        prop_assert!(l == lane || longest > own);
+                        prop_assert_eq!(model[l].pop_front(), Some(i));
+                    }
+                    None => prop_assert!(!full),
+                }
+                model[lane].push_back(next);
+                prop_assert!(lanes.len() <= capacity);
+                prop_assert_eq!(lanes.len(), model.iter().map(VecDeque::len).sum::<usize>());
+            }
+            while let Some((l, i)) = lanes.pop() {
+                prop_assert_eq!(model[l].pop_front(), Some(i));
+            }
+            prop_assert!(model.iter().all(VecDeque::is_empty));
+        }
+    }
+}
