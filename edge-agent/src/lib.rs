@@ -4,8 +4,10 @@
 //! event loop and hands each publish to [`ingest::Ingest`], a plain state machine that decodes
 //! the payload (through `protocol`), appends it to the sensor's fixed-capacity
 //! [`window::Window`] and turns every completed window into a job. The [`router::Router`]
-//! sends each job to the [`pool::Pool`] — a bounded queue in front of one inference thread
-//! per core, each running a shared, already optimised tract plan from `models` — or, when
+//! sends each job to the [`pool::Pool`] — a bounded queue with a lane per sensor
+//! ([`queue::FairQueue`], so one flooding sensor neither starves nor delays the others) in
+//! front of one inference thread per core, each running a shared, already optimised tract
+//! plan from `models` — or, when
 //! the forecast says the gateway will saturate or the queue would miss the SLO, to a cloud
 //! replica through [`offload::Offload`] (QUIC, mutual TLS, power of two choices, fallback to
 //! local on any failure). Results go back through a bounded channel to a

@@ -2,8 +2,8 @@
 //!
 //! Windows enter through [`Pool::submit`], which never blocks, into a [`FairQueue`] with a
 //! lane per sensor: when the queue is full, the sensor holding the most windows gives up its
-//! oldest, which comes back to the caller to be shed and counted. Workers are plain threads (tract
-//! is synchronous and CPU-bound), one per core by default; each turns a window into a
+//! oldest, which comes back to the caller to be shed and counted. Workers are plain threads
+//! (tract is synchronous and CPU-bound), one per core by default; each turns a window into a
 //! finished, serialised MQTT message and hands it to the publisher through a bounded tokio
 //! channel, so a slow broker backs up into the queue and from there into counted shedding,
 //! never into memory. Under load a worker hands over up to [`HANDOFF_MAX`] results at once
