@@ -71,7 +71,8 @@ impl<T> Lanes<T> {
 
     /// Queues `item` at the back of `lane`. When the lanes are full, the longest lane — the
     /// arriving item's own when none is longer — gives up its oldest item to make room, and
-    /// that item is returned.
+    /// that item is returned. Finding it reads the length of every lane holding items, at most
+    /// `capacity` of them, and only when the lanes are full.
     pub fn push(&mut self, lane: usize, item: T) -> Option<T> {
         let displaced = if self.len >= self.capacity {
             self.drop_oldest_of_longest(lane)
