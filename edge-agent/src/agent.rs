@@ -45,6 +45,7 @@ pub struct RunSummary {
 
 struct Shared {
     counters: Arc<Counters>,
+    shed_by_sensor: Arc<crate::telemetry::ShedBySensor>,
     sensors: Arc<AtomicUsize>,
     /// QoS 1 publishes handed to the client (results and status).
     qos1_sent: AtomicU64,
@@ -61,6 +62,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     ));
     let shared = Arc::new(Shared {
         counters: Arc::new(Counters::default()),
+        shed_by_sensor: Arc::default(),
         sensors: Arc::new(AtomicUsize::new(0)),
         qos1_sent: AtomicU64::new(0),
     });
@@ -248,6 +250,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         &config,
         Arc::clone(&models),
         Arc::clone(&shared.counters),
+        Arc::clone(&shared.shed_by_sensor),
         Arc::clone(&shared.sensors),
     );
     let mut limiter = LogLimiter::new(Duration::from_secs(5));
@@ -470,6 +473,10 @@ impl StatusReporter {
             workers: self.workers,
             sensors: self.shared.sensors.load(Ordering::Relaxed),
             counters: self.shared.counters.snapshot(),
+            shed_by_sensor: self
+                .shared
+                .shed_by_sensor
+                .top(crate::telemetry::SHED_SENSORS_REPORTED),
             offload,
         };
         serde_json::to_vec(&status).unwrap_or_default()

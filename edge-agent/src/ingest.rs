@@ -16,7 +16,7 @@ use protocol::{Limits, decode_samples};
 use crate::config::{AgentConfig, MAX_WINDOW};
 use crate::pool::Job;
 use crate::serving::ModelSlots;
-use crate::telemetry::{Counters, LogLimiter};
+use crate::telemetry::{Counters, LogLimiter, ShedBySensor};
 use crate::window::Window;
 
 struct Sensor {
@@ -38,6 +38,9 @@ pub struct Ingest {
     sensors: HashMap<String, Sensor>,
     sensor_gauge: Arc<AtomicUsize>,
     counters: Arc<Counters>,
+    shed_by_sensor: Arc<ShedBySensor>,
+    /// The sensors of the windows shed while handling one publish.
+    shed: Vec<Arc<str>>,
     limiter: LogLimiter,
     next_id: u64,
 }
@@ -48,6 +51,7 @@ impl Ingest {
         config: &AgentConfig,
         models: Arc<ModelSlots>,
         counters: Arc<Counters>,
+        shed_by_sensor: Arc<ShedBySensor>,
         sensor_gauge: Arc<AtomicUsize>,
     ) -> Self {
         let index = |name: &str| models.index(name);
@@ -71,6 +75,8 @@ impl Ingest {
             sensors: HashMap::new(),
             sensor_gauge,
             counters,
+            shed_by_sensor,
+            shed: Vec::new(),
             limiter: LogLimiter::new(Duration::from_secs(5)),
             next_id: 0,
         }
@@ -140,9 +146,8 @@ impl Ingest {
             .samples_accepted
             .fetch_add(samples.values.len() as u64, Ordering::Relaxed);
         let ts = samples.ts.unwrap_or(wall);
-        let mut shed = 0u64;
-        let mut shed_from = None;
         let next_id = &mut self.next_id;
+        let shed = &mut self.shed;
         sensor.window.push(&samples.values, |window| {
             let job = Job {
                 id: *next_id,
@@ -156,18 +161,19 @@ impl Ingest {
             *next_id += 1;
             Counters::bump(&self.counters.windows_enqueued);
             if let Some(dropped) = submit(job) {
-                shed += 1;
-                shed_from = Some(dropped.sensor);
+                shed.push(dropped.sensor);
             }
         });
-        if let Some(from) = shed_from {
+        if let Some(from) = self.shed.last().cloned() {
+            let n = self.shed.len();
             self.counters
                 .windows_shed
-                .fetch_add(shed, Ordering::Relaxed);
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.shed_by_sensor.add(self.shed.drain(..));
             if let Some(suppressed) = self.limiter.allow("shed", now) {
                 tracing::warn!(
                     suppressed,
-                    "inference queue full: shed {shed} window(s), the oldest of the sensor holding \
+                    "inference queue full: shed {n} window(s), the oldest of the sensor holding \
                      the most (last {from:?})"
                 );
             }

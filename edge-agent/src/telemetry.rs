@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 macro_rules! counters {
@@ -90,7 +91,7 @@ counters! {
     routed_remote_forecast,
     /// Windows sent remote because the local queue would make them miss the SLO.
     routed_remote_guard,
-    /// Windows sent remote because the local queue was full.
+    /// Windows the full local queue shed that a replica took instead.
     routed_remote_overflow,
     /// Windows that should have gone remote but no replica was reachable.
     local_cloud_unreachable,
@@ -122,6 +123,37 @@ impl Counters {
     /// Adds one to `counter`.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Windows shed, by the sensor they came from: `windows_shed` says how many, this says whose.
+///
+/// Written by the ingest task only when it sheds, read by the status reporter. It holds one
+/// entry per sensor ever shed, so `sensors.max_sensors` bounds it.
+#[derive(Debug, Default)]
+pub struct ShedBySensor(Mutex<HashMap<Arc<str>, u64>>);
+
+/// Sensors the status message names in `shed_by_sensor`.
+pub const SHED_SENSORS_REPORTED: usize = 8;
+
+impl ShedBySensor {
+    /// Counts windows shed from `sensors`, one entry per window.
+    pub fn add(&self, sensors: impl IntoIterator<Item = Arc<str>>) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for sensor in sensors {
+            *map.entry(sensor).or_default() += 1;
+        }
+    }
+
+    /// The `most` sensors shed most, with their counts (ties by name).
+    pub fn top(&self, most: usize) -> BTreeMap<String, u64> {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<(&Arc<str>, u64)> = map.iter().map(|(s, n)| (s, *n)).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        all.into_iter()
+            .take(most)
+            .map(|(s, n)| (s.to_string(), n))
+            .collect()
     }
 }
 
@@ -188,6 +220,20 @@ mod tests {
             limiter.allow("malformed", t0 + Duration::from_secs(1)),
             Some(5)
         );
+    }
+
+    #[test]
+    fn the_sensors_shed_most_are_reported_first() {
+        let shed = ShedBySensor::default();
+        assert!(shed.top(2).is_empty());
+        let name = |s: &str| Arc::<str>::from(s);
+        shed.add([name("b"), name("flood"), name("a"), name("flood")]);
+        shed.add([name("flood"), name("c")]);
+        let top = shed.top(2);
+        assert_eq!(top.len(), 2);
+        assert_eq!(top["flood"], 3);
+        assert_eq!(top["a"], 1, "ties go by name");
+        assert_eq!(shed.top(10).len(), 4);
     }
 
     #[test]

@@ -147,6 +147,9 @@ pub struct Status {
     pub sensors: usize,
     /// Counters since start, by name.
     pub counters: BTreeMap<String, u64>,
+    /// Windows shed since start, by sensor: the sensors shed most (at most eight).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub shed_by_sensor: BTreeMap<String, u64>,
     /// The offload router's view, when offload is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offload: Option<OffloadStatus>,

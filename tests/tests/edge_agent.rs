@@ -480,6 +480,11 @@ async fn a_flooding_sensor_neither_starves_nor_delays_the_others() -> anyhow::Re
         .context("every window is served or shed")?;
     let c = &status.counters;
     assert!(c["windows_shed"] > 1000, "the flood must overload: {c:?}");
+    assert_eq!(
+        status.shed_by_sensor,
+        BTreeMap::from([("flood".to_owned(), c["windows_shed"])]),
+        "the status says whose windows were shed"
+    );
 
     listener.with(|collected| {
         let mut quiet_latency = Vec::new();
