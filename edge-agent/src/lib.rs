@@ -5,7 +5,7 @@
 //! the payload (through `protocol`), appends it to the sensor's fixed-capacity
 //! [`window::Window`] and turns every completed window into a job. The [`router::Router`]
 //! sends each job to the [`pool::Pool`] — a bounded queue with a lane per sensor
-//! ([`queue::FairQueue`], so one flooding sensor neither starves nor delays the others) in
+//! ([`models::queue::FairQueue`], so one flooding sensor neither starves nor delays the others) in
 //! front of one inference thread per core, each running a shared, already optimised tract
 //! plan from `models` — or, when
 //! the forecast says the gateway will saturate or the queue would miss the SLO, to a cloud
@@ -37,7 +37,6 @@ pub mod hub;
 pub mod ingest;
 pub mod offload;
 pub mod pool;
-pub mod queue;
 pub mod router;
 pub mod serving;
 pub mod status;

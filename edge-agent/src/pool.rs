@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use protocol::edge::{InferenceResult, Route, Topics};
 
-use crate::queue::{FairQueue, QueueSender, Taken};
 use crate::serving::{ModelSlots, ServedModel};
 use crate::telemetry::Counters;
+use models::queue::{FairQueue, QueueSender, Taken};
 
 /// One window waiting for inference.
 #[derive(Debug)]

@@ -1,24 +1,34 @@
-//! The local queue: one lane per sensor, served in turn, under one bound.
+//! The queue in front of the runner's threads: one lane per source, served in turn, under one
+//! bound.
 //!
-//! Windows wait here for the inference workers. Each sensor has a FIFO lane of its own and
-//! the workers take from the lanes in turn, up to [`QUANTUM`] windows per lane per turn, so a
-//! window of a quiet sensor waits behind at most a few windows of each other busy sensor, not
-//! behind a flooding sensor's whole backlog. The bound (`agent.queue_capacity`) is on all lanes
-//! together, so one busy sensor may still use the whole queue to ride out a burst. When it is
-//! full, the longest lane gives up its oldest window to make room for the one arriving
-//! (longest-queue drop): the sensor sending more than its share loses windows, its stalest
-//! first, and a sensor holding less than the others is never shed.
+//! Work waits here for inference threads, at the agent (a lane per sensor) and at a replica
+//! (a lane per connection, that is per agent). Each source has a FIFO lane of its own and the
+//! threads take from the lanes in turn, up to [`QUANTUM`] items per lane per turn, so an item
+//! of a quiet source waits behind at most a few items of each other busy source, not behind a
+//! flooding source's whole backlog. The bound is on all lanes together, so one busy source may
+//! still use the whole queue to ride out a burst. When it is full, the source holding the most
+//! gives way, in one of two ways:
+//!
+//! - [`Lanes::push`] (the agent, where a window given up is lost): the longest lane gives up
+//!   its oldest item to make room for the one arriving (longest-queue drop), so the sensor
+//!   sending more than its share loses windows, its stalest first.
+//! - [`Lanes::admit`] (a replica, where a request turned away runs on its agent instead): the
+//!   arriving item is refused if no lane holds more than its own; otherwise the longest lane
+//!   gives up its newest item, which has waited least and has the most time left to be run
+//!   elsewhere.
+//!
+//! Either way a source holding less than the others is never turned away.
 //!
 //! [`Lanes`] is that logic as plain data, driven directly by the tests; [`FairQueue`] puts
 //! it behind a mutex and a condition variable for the worker threads and closes, like a
-//! channel, once every [`QueueSender`] is gone.
+//! channel, once every [`QueueSender`] is gone. Nothing here reads a clock.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 /// A lane that held more than this many items gives its memory back when it empties, so a
-/// burst on one sensor does not keep a queue's worth of memory per sensor that ever had one.
+/// burst on one source does not keep a queue's worth of memory per source that ever had one.
 const LANE_KEEP: usize = 64;
 
 /// Most items a lane gives in one turn. One a turn interleaves every busy sensor's results,
@@ -92,6 +102,22 @@ impl<T> Lanes<T> {
         Ok(())
     }
 
+    /// Queues `item` at the back of `lane` unless the lanes are full and none holds more than
+    /// `lane`, in which case the item is given back. When full and another lane is longer,
+    /// the longest gives up its newest item to make room, and that item is returned.
+    pub fn admit(&mut self, lane: usize, item: T) -> Result<Option<T>, T> {
+        if self.len < self.capacity {
+            self.enqueue(lane, item);
+            return Ok(None);
+        }
+        let Some(longest) = self.longest_other_than(lane) else {
+            return Err(item);
+        };
+        let displaced = self.take_from(longest, VecDeque::pop_back);
+        self.enqueue(lane, item);
+        Ok(displaced)
+    }
+
     /// The next item: the oldest of the lane whose turn it is.
     pub fn pop(&mut self) -> Option<T> {
         let lane = *self.turn.front()?;
@@ -125,21 +151,30 @@ impl<T> Lanes<T> {
     }
 
     fn drop_oldest_of_longest(&mut self, arriving: usize) -> Option<T> {
-        let own = self.lane_len(arriving);
-        let longest = self
-            .turn
+        let longest = self.longest_other_than(arriving).unwrap_or(arriving);
+        self.take_from(longest, VecDeque::pop_front)
+    }
+
+    /// The longest lane if it holds more than `lane`. Reads the length of every lane holding
+    /// items, at most `capacity` of them.
+    fn longest_other_than(&self, lane: usize) -> Option<usize> {
+        let own = self.lane_len(lane);
+        self.turn
             .iter()
             .copied()
-            .max_by_key(|&lane| self.lanes[lane].len())
-            .filter(|&lane| self.lanes[lane].len() > own)
-            .unwrap_or(arriving);
-        let queue = self.lanes.get_mut(longest)?;
-        let item = queue.pop_front()?;
+            .max_by_key(|&l| self.lanes[l].len())
+            .filter(|&l| self.lanes[l].len() > own)
+    }
+
+    /// Takes an item out of `lane` with `end` (its front or its back), keeping the turn.
+    fn take_from(&mut self, lane: usize, end: fn(&mut VecDeque<T>) -> Option<T>) -> Option<T> {
+        let queue = self.lanes.get_mut(lane)?;
+        let item = end(queue)?;
         if queue.is_empty() {
-            if self.turn.front() == Some(&longest) {
+            if self.turn.front() == Some(&lane) {
                 self.served = 0;
             }
-            self.turn.retain(|&lane| lane != longest);
+            self.turn.retain(|&l| l != lane);
         }
         self.len -= 1;
         Some(item)
@@ -288,6 +323,16 @@ impl<T> QueueSender<T> {
         Ok(())
     }
 
+    /// Queues `item` on `lane` unless the queue is full and no lane is longer than its own
+    /// (the item is then given back); returns the item given up to make room, if any (see
+    /// [`Lanes::admit`]).
+    pub fn admit(&self, lane: usize, item: T) -> Result<Option<T>, T> {
+        let mut state = self.0.lock();
+        let displaced = state.lanes.admit(lane, item)?;
+        self.queued(state);
+        Ok(displaced)
+    }
+
     fn queued(&self, state: MutexGuard<'_, State<T>>) {
         self.0.len.store(state.lanes.len(), Ordering::Relaxed);
         let wake = state.waiting > 0;
@@ -367,6 +412,27 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_admits_a_shorter_lane_in_place_of_the_newest_of_the_longest() {
+        let mut lanes = Lanes::new(4);
+        for i in 0..3 {
+            assert_eq!(lanes.admit(7, ("flood", i)), Ok(None));
+        }
+        assert_eq!(lanes.admit(1, ("quiet", 0)), Ok(None));
+        // Full, and the flooding lane is the longest: it gives up its newest.
+        assert_eq!(lanes.admit(1, ("quiet", 1)), Ok(Some(("flood", 2))));
+        // Two each: nobody holds more than the arriving lane, so it is refused.
+        assert_eq!(lanes.admit(7, ("flood", 3)), Err(("flood", 3)));
+        assert_eq!(lanes.admit(1, ("quiet", 2)), Err(("quiet", 2)));
+        // A new lane holds less than either; of two as long, the one served later gives way.
+        assert_eq!(lanes.admit(4, ("new", 0)), Ok(Some(("quiet", 1))));
+        assert_eq!(lanes.len(), 4);
+        assert_eq!(
+            drain(&mut lanes),
+            [("flood", 0), ("flood", 1), ("quiet", 0), ("new", 0)]
+        );
+    }
+
+    #[test]
     fn a_lane_emptied_by_shedding_leaves_the_turn() {
         let mut lanes = Lanes::new(1);
         lanes.push(5, 'a');
@@ -441,6 +507,49 @@ mod tests {
                         prop_assert_eq!(model[l].pop_front(), Some(i));
                     }
                     None => prop_assert!(!full),
+                }
+                model[lane].push_back(next);
+                prop_assert!(lanes.len() <= capacity);
+                prop_assert_eq!(lanes.len(), model.iter().map(VecDeque::len).sum::<usize>());
+            }
+            while let Some((l, i)) = lanes.pop() {
+                prop_assert_eq!(model[l].pop_front(), Some(i));
+            }
+            prop_assert!(model.iter().all(VecDeque::is_empty));
+        }
+
+        /// Admission: the bound holds, lanes keep their order, an item is refused only when
+        /// the lanes are full and none holds more than its own, a displaced item is the newest
+        /// of a lane longer than the arriving one's, and every item comes out exactly once.
+        #[test]
+        fn admission_refuses_only_the_longest_and_displaces_only_the_newest(
+            capacity in 1usize..12,
+            ops in proptest::collection::vec((0usize..4, any::<bool>()), 0..200),
+        ) {
+            let mut lanes: Lanes<(usize, usize)> = Lanes::new(capacity);
+            let mut model: Vec<VecDeque<usize>> = vec![VecDeque::new(); 4];
+            for (next, (lane, pop)) in ops.into_iter().enumerate() {
+                if pop {
+                    if let Some((l, i)) = lanes.pop() {
+                        prop_assert_eq!(model[l].pop_front(), Some(i));
+                    }
+                    continue;
+                }
+                let full = lanes.len() == capacity;
+                let longest = model.iter().map(VecDeque::len).max().unwrap_or(0);
+                let own = model[lane].len();
+                match lanes.admit(lane, (lane, next)) {
+                    Err(refused) => {
+                        prop_assert!(full && longest == own);
+                        prop_assert_eq!(refused, (lane, next));
+                        continue;
+                    }
+                    Ok(Some((l, i))) => {
+                        prop_assert!(full && longest > own);
+                        prop_assert_eq!(model[l].len(), longest);
+                        prop_assert_eq!(model[l].pop_back(), Some(i));
+                    }
+                    Ok(None) => prop_assert!(!full),
                 }
                 model[lane].push_back(next);
                 prop_assert!(lanes.len() <= capacity);
