@@ -9,9 +9,9 @@
 //! `models::policy`) to what the agents' own forecasts ask for, so replicas warm up before a
 //! burst arrives; ready sets are pushed to every session. [`api`] serves the JSON API,
 //! Prometheus metrics and the dashboard. [`replica`] is the inference server agents offload to
-//! (one QUIC stream per request, bounded queue, deadlines), [`cli`] its command line, and
-//! [`simulate`] compares the scaling policies and forecasters of `models` in the deterministic
-//! simulator before they are trusted with real replicas. State on disk lives in [`state`].
+//! (one QUIC stream per request, a bounded queue fair between agents, deadlines), [`cli`] its
+//! command line, and [`simulate`] compares the scaling policies and forecasters of `models` in
+//! the deterministic simulator before they are trusted with real replicas. State on disk lives in [`state`].
 //!
 //! Model updates: [`store`] checks a model with tract, keeps it by digest and signs its
 //! manifest; [`rollout`] is the pure canary → bake → all state machine with its health gates

@@ -1,13 +1,18 @@
 //! The replica server: one model behind QUIC, one bidirectional stream per request.
 //!
 //! A client opens a stream, writes one frame ([`Message::InferRequest`], [`Message::LoadQuery`]
-//! or [`Message::Echo`], which measures the transport alone) and finishes its side; the replica answers with one frame and
-//! finishes. Requests go through a bounded queue to a fixed set of inference threads (the
-//! same [`models::Runner`] the agents use). A thread takes the requests already queued, up to
-//! `max_batch`, into one call, in the batch sizes that measured cheaper per window than
-//! single calls when the model was loaded. A full queue answers `Overloaded` at once, and a
-//! request whose deadline passed while it waited is dropped unrun and answered
-//! `DeadlineExceeded`, so a backlog never turns into work nobody waits for. Connections are
+//! or [`Message::Echo`], which measures the transport alone) and finishes its side; the
+//! replica answers with one frame and finishes. Requests go through a bounded queue to a fixed
+//! set of inference threads (the same [`models::Runner`] the agents use). The queue has a lane
+//! per connection, that is per agent, served in turn ([`models::queue`]), so an agent's
+//! request waits behind a few of each other agent's, not behind a bursting agent's backlog. A
+//! thread takes the requests already queued, up to `max_batch`, into one call, in the batch
+//! sizes that measured cheaper per window than single calls when the model was loaded. When
+//! the queue is full, a request from the agent holding the most is answered `Overloaded` at
+//! once (it runs on its agent instead); one from an agent holding less takes the place of
+//! that agent's newest request, which is answered `Overloaded` in its stead. A request whose
+//! deadline passed while it waited is dropped unrun and answered `DeadlineExceeded`, so a
+//! backlog never turns into work nobody waits for. Connections are
 //! mutual TLS against the fleet CA and capped in number. Bad frames get an error answer, a
 //! counter and a log line whose rate falls off; they never take the server down. Shutdown
 //! stops accepting, lets open requests finish (bounded), then closes the endpoint.
@@ -17,13 +22,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use models::queue::{FairQueue, QueueSender, Taken};
 use models::{LoadedModel, Runner};
 use protocol::frame::{
     self, Decoded, Decoder, Error, ErrorCode, HEADER_LEN, InferRequest, InferResponse, Message,
@@ -123,8 +128,9 @@ pub struct Replica {
     endpoint: quinn::Endpoint,
     served: Arc<Served>,
     stats: Arc<Stats>,
-    queue: Sender<Work>,
-    jobs: Receiver<Work>,
+    queue: QueueSender<Work>,
+    jobs: Arc<FairQueue<Work>>,
+    lanes: Arc<LaneNumbers>,
     threads: Vec<JoinHandle<()>>,
     max_connections: usize,
     drain: Duration,
@@ -173,10 +179,10 @@ impl Replica {
             max_frame: config.max_frame,
         });
         let stats = Arc::new(Stats::default());
-        let (queue, jobs) = crossbeam_channel::bounded(served.queue_capacity);
+        let (jobs, queue) = FairQueue::new(served.queue_capacity);
         let threads = (0..served.workers)
             .map(|i| {
-                let jobs: Receiver<Work> = jobs.clone();
+                let jobs = Arc::clone(&jobs);
                 let served = Arc::clone(&served);
                 let stats = Arc::clone(&stats);
                 std::thread::Builder::new()
@@ -193,6 +199,7 @@ impl Replica {
             stats,
             queue,
             jobs,
+            lanes: Arc::default(),
             threads,
             max_connections: config.max_connections.max(1),
             drain: config.drain,
@@ -233,9 +240,10 @@ impl Replica {
                 served: Arc::clone(&self.served),
                 stats: Arc::clone(&self.stats),
                 queue: self.queue.clone(),
-                jobs: self.jobs.clone(),
+                jobs: Arc::clone(&self.jobs),
+                lane: LaneNumbers::take(&self.lanes),
             };
-            conns.spawn(connection(incoming, ctx));
+            conns.spawn(connection(incoming, Arc::new(ctx)));
         }
 
         // Stop taking connections; let open requests finish.
@@ -268,15 +276,57 @@ impl Replica {
     }
 }
 
-#[derive(Clone)]
+/// What a connection's streams share: the served model, the counters, the queue and the
+/// connection's lane in it.
 struct Ctx {
     served: Arc<Served>,
     stats: Arc<Stats>,
-    queue: Sender<Work>,
-    jobs: Receiver<Work>,
+    queue: QueueSender<Work>,
+    jobs: Arc<FairQueue<Work>>,
+    lane: Lane,
 }
 
-async fn connection(incoming: quinn::Incoming, ctx: Ctx) {
+/// Lane numbers for open connections, each given back when its connection closes, so the
+/// lanes are as many as the connections ever open at once (`max_connections` and the few
+/// still shaking hands).
+#[derive(Debug, Default)]
+struct LaneNumbers(Mutex<(Vec<usize>, usize)>);
+
+impl LaneNumbers {
+    fn take(numbers: &Arc<LaneNumbers>) -> Lane {
+        let mut guard = numbers.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (free, next) = &mut *guard;
+        let number = free.pop().unwrap_or_else(|| {
+            *next += 1;
+            *next - 1
+        });
+        Lane {
+            number,
+            numbers: Arc::clone(numbers),
+        }
+    }
+}
+
+/// A connection's lane; its number is free again once dropped. Requests of a closed
+/// connection still queued share the lane with the next connection to get it, in order.
+#[derive(Debug)]
+struct Lane {
+    number: usize,
+    numbers: Arc<LaneNumbers>,
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        let mut guard = self
+            .numbers
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        guard.0.push(self.number);
+    }
+}
+
+async fn connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(conn) => conn,
@@ -291,7 +341,7 @@ async fn connection(incoming: quinn::Incoming, ctx: Ctx) {
     tracing::debug!(%remote, "connection open");
     while let Ok((send, recv)) = conn.accept_bi().await {
         ctx.stats.open_streams.fetch_add(1, Ordering::Relaxed);
-        let ctx = ctx.clone();
+        let ctx = Arc::clone(&ctx);
         tokio::spawn(async move {
             stream(send, recv, &ctx).await;
             ctx.stats.open_streams.fetch_sub(1, Ordering::Relaxed);
@@ -369,14 +419,30 @@ async fn dispatch(message: Message, ctx: &Ctx) -> Message {
         request,
         reply,
     };
-    match ctx.queue.try_send(work) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+    match ctx.queue.admit(ctx.lane.number, work) {
+        Ok(None) => {}
+        Ok(Some(displaced)) => {
+            crate::sampled(&ctx.stats.overloaded);
+            let _ = displaced.reply.send(Message::Error(Error {
+                id: Some(displaced.request.id),
+                code: ErrorCode::Overloaded,
+                message: format!(
+                    "queue full ({} waiting): this agent held the most and gave way to \
+                     another's request after {} ms",
+                    served.queue_capacity,
+                    displaced.arrived.elapsed().as_millis()
+                ),
+            }));
+        }
+        Err(_) => {
             crate::sampled(&ctx.stats.overloaded);
             return Message::Error(Error {
                 id: Some(id),
                 code: ErrorCode::Overloaded,
-                message: format!("queue full ({} waiting)", served.queue_capacity),
+                message: format!(
+                    "queue full ({} waiting; no other agent holds more than this one)",
+                    served.queue_capacity
+                ),
             });
         }
     }
@@ -405,18 +471,12 @@ fn load(ctx: &Ctx) -> ReplicaLoad {
     }
 }
 
-fn work(jobs: &Receiver<Work>, served: &Served, stats: &Stats) {
+fn work(jobs: &FairQueue<Work>, served: &Served, stats: &Stats) {
     let most = served.runner.max_batch();
     let mut taken = Vec::with_capacity(most);
-    while let Ok(first) = jobs.recv() {
-        // What else is queued already runs in the same call; nothing waits for more.
-        taken.push(first);
-        while taken.len() < most {
-            match jobs.try_recv() {
-                Ok(work) => taken.push(work),
-                Err(_) => break,
-            }
-        }
+    // What else is queued already runs in the same call, in turn across the agents' lanes;
+    // nothing waits for more.
+    while jobs.take(&mut taken, |_| most, true) == Taken::Some {
         let started = Instant::now();
         let (live, late): (Vec<Work>, Vec<Work>) =
             taken.drain(..).partition(|w| started <= w.expires);

@@ -412,3 +412,141 @@ async fn requests_served_in_one_call_each_get_their_own_windows_answer() -> anyh
     );
     Ok(())
 }
+
+/// One agent keeping a replica's queue full neither starves another agent nor makes it wait
+/// behind its backlog: the replica serves a lane per connection in turn, and when full turns
+/// away the agent holding the most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bursting_agent_neither_starves_nor_delays_another_at_a_replica() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use protocol::frame::{ErrorCode, InferRequest, Message, RequestId};
+
+    /// Requests the bursting agent keeps open: twice the replica's queue.
+    const BURST: usize = 512;
+    const QUIET: usize = 150;
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let certs = Certs::new()?;
+    let replica = ReplicaProcess::start(
+        &certs,
+        "bearing-cnn",
+        1,
+        &["--queue", "256", "--max-batch", "1"],
+    )?;
+    let reference = Arc::new(spillway_tests::reference("bearing-cnn")?);
+    let shape: Vec<u32> = models::zoo::BEARING_CNN
+        .input_shape
+        .iter()
+        .map(|&d| d as u32)
+        .collect();
+    let request = {
+        let reference = Arc::clone(&reference);
+        move |i: usize| {
+            Message::InferRequest(InferRequest {
+                id: RequestId(i as u64),
+                model: "bearing-cnn".into(),
+                shape: shape.clone(),
+                data: reference.windows[i % reference.windows.len()].clone(),
+                deadline_ms: 60_000,
+            })
+        }
+    };
+    // Two agents: a connection each, from endpoints of their own.
+    let connect = || async {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(edge_agent::offload::client_config(
+            &certs.path("ca.pem"),
+            &certs.path("agent.pem"),
+            &certs.path("agent.key"),
+        )?);
+        let conn = endpoint.connect(replica.addr(), "localhost")?.await?;
+        anyhow::Ok((endpoint, conn))
+    };
+    let (_burst_endpoint, burst_conn) = connect().await?;
+    let (_quiet_endpoint, quiet_conn) = connect().await?;
+
+    // Waits are the replica's own (`server_time_us`: arrival to answer), free of this test
+    // client's scheduling, which the burst's tasks crowd.
+    let waited =
+        |response: &protocol::frame::InferResponse| Duration::from_micros(response.server_time_us);
+    // The bursting agent: every request answered or turned away is sent again, after a
+    // pause when turned away (its agent would run that window itself).
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut burst = tokio::task::JoinSet::new();
+    for task in 0..BURST {
+        let (conn, stop, request) = (burst_conn.clone(), Arc::clone(&stop), request.clone());
+        burst.spawn(async move {
+            let (mut served, mut refused) = (Vec::new(), 0u64);
+            let mut i = task;
+            while !stop.load(Ordering::Relaxed) {
+                match edge_agent::offload::exchange(&conn, &request(i)).await {
+                    Ok(Message::InferResponse(response)) => served.push(waited(&response)),
+                    Ok(Message::Error(e)) if e.code == ErrorCode::Overloaded => {
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    other => panic!("bursting agent's request {i}: {other:?}"),
+                }
+                i += BURST;
+            }
+            (served, refused)
+        });
+    }
+    // Let the burst fill the queue, then the quiet agent sends one request every 10 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut quiet = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for i in 0..QUIET {
+        tick.tick().await;
+        let answer = edge_agent::offload::exchange(&quiet_conn, &request(i)).await?;
+        let Message::InferResponse(response) = answer else {
+            panic!("the quiet agent's request {i} was not served: {answer:?}");
+        };
+        assert_eq!(response.id, RequestId(i as u64));
+        let score = response
+            .outputs
+            .iter()
+            .find(|t| t.name == "score")
+            .expect("a score output")
+            .data[0];
+        let want = reference.scores[i % reference.scores.len()];
+        assert!(
+            (score - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "request {i}: score {score}, onnxruntime says {want}"
+        );
+        quiet.push(waited(&response));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut burst_served, mut burst_refused) = (Vec::new(), 0);
+    while let Some(joined) = burst.join_next().await {
+        let (served, refused) = joined?;
+        burst_served.extend(served);
+        burst_refused += refused;
+    }
+
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        v[((v.len() - 1) as f64 * p) as usize]
+    };
+    let quiet_p95 = pct(&mut quiet, 0.95);
+    let quiet_p50 = pct(&mut quiet, 0.5);
+    let burst_p50 = pct(&mut burst_served, 0.5);
+    eprintln!(
+        "quiet agent: {} of {QUIET} served, p50 {quiet_p50:?}, p95 {quiet_p95:?}; bursting \
+         agent: {} served (p50 {burst_p50:?}), {burst_refused} turned away",
+        quiet.len(),
+        burst_served.len()
+    );
+    // The queue was full: the bursting agent was turned away, and often.
+    assert!(
+        burst_refused > BURST as u64,
+        "the burst never filled the queue"
+    );
+    // The quiet agent's requests waited behind a few of the burst's, not behind its backlog.
+    assert!(
+        quiet_p95 * 3 < burst_p50,
+        "quiet agent's p95 {quiet_p95:?} against the bursting agent's median {burst_p50:?}"
+    );
+    Ok(())
+}
