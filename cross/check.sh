@@ -1,7 +1,7 @@
 #!/bin/sh
 # Builds the agent for a gateway target as gateways get it (NNEF only, no ONNX, packed
-# relocations) and runs it under qemu-user-static: the agent's unit tests, then a smoke run
-# (load the sample models, run each on a window, exit 0).
+# relocations) and runs it under qemu-user-static: the unit tests of the agent and of `models`,
+# then a smoke run (load the sample models, run each on a window, exit 0).
 #
 #   cross/check.sh aarch64-unknown-linux-gnu     (or armv7-unknown-linux-gnueabihf)
 #
@@ -39,10 +39,12 @@ build() {
     cargo "$@" -p edge-agent --no-default-features --target "$target" --config "$here/config.toml" \
         "$link" $unoptimised
 }
-tests=$(build test --lib --no-run --message-format=json 2>/dev/null |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | head -n 1)
-[ -n "$tests" ] || { build test --lib --no-run; exit 1; }
-"$qemu" "$tests" -q
+# The agent's unit tests and those of `models`, whose queue and runner the agent's threads
+# share on the gateway.
+tests=$(build test -p spillway-models --lib --no-run --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
+[ "$(echo "$tests" | grep -c .)" = 2 ] || { build test -p spillway-models --lib --no-run; exit 1; }
+for t in $tests; do "$qemu" "$t" -q; done
 build build --bin edge-agent
 agent="target/$target/debug/edge-agent"
 config=$(mktemp)
