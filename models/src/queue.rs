@@ -478,6 +478,47 @@ mod tests {
         assert_eq!(queue.take(&mut got, |_| 1, false), Taken::Empty);
     }
 
+    /// A model of the lanes: the items of each lane, oldest first.
+    type Model = Vec<VecDeque<usize>>;
+
+    /// Drives `lanes` and a model of them through `ops`, each an arrival on a lane or a pop.
+    /// `arrive` queues item `next` on `lane` and brings the model along; every pop must come
+    /// out in its lane's order, the lanes must hold what the model holds within the bound
+    /// after every step, and what is left must come out exactly once at the end.
+    fn replay(
+        capacity: usize,
+        ops: Vec<(usize, bool)>,
+        mut arrive: impl FnMut(
+            &mut Lanes<(usize, usize)>,
+            &mut Model,
+            usize,
+            usize,
+        ) -> Result<(), TestCaseError>,
+    ) -> Result<(), TestCaseError> {
+        let mut lanes: Lanes<(usize, usize)> = Lanes::new(capacity);
+        let mut model: Model = vec![VecDeque::new(); 4];
+        for (next, (lane, pop)) in ops.into_iter().enumerate() {
+            if pop {
+                if let Some((l, i)) = lanes.pop() {
+                    prop_assert_eq!(model[l].pop_front(), Some(i));
+                }
+            } else {
+                arrive(&mut lanes, &mut model, lane, next)?;
+            }
+            prop_assert!(lanes.len() <= capacity);
+            prop_assert_eq!(lanes.len(), model.iter().map(VecDeque::len).sum::<usize>());
+        }
+        while let Some((l, i)) = lanes.pop() {
+            prop_assert_eq!(model[l].pop_front(), Some(i));
+        }
+        prop_assert!(model.iter().all(VecDeque::is_empty));
+        Ok(())
+    }
+
+    fn longest(model: &Model) -> usize {
+        model.iter().map(VecDeque::len).max().unwrap_or(0)
+    }
+
     proptest! {
         /// Whatever the arrivals, the bound holds, each lane comes out in its own order, a
         /// shed item is the oldest of a longest lane (of another lane only if it is longer
@@ -487,18 +528,9 @@ mod tests {
             capacity in 1usize..12,
             ops in proptest::collection::vec((0usize..4, any::<bool>()), 0..200),
         ) {
-            let mut lanes: Lanes<(usize, usize)> = Lanes::new(capacity);
-            let mut model: Vec<VecDeque<usize>> = vec![VecDeque::new(); 4];
-            for (next, (lane, pop)) in ops.into_iter().enumerate() {
-                if pop {
-                    if let Some((l, i)) = lanes.pop() {
-                        prop_assert_eq!(model[l].pop_front(), Some(i));
-                    }
-                    continue;
-                }
+            replay(capacity, ops, |lanes, model, lane, next| {
                 let full = lanes.len() == capacity;
-                let longest = model.iter().map(VecDeque::len).max().unwrap_or(0);
-                let own = model[lane].len();
+                let (longest, own) = (longest(model), model[lane].len());
                 match lanes.push(lane, (lane, next)) {
                     Some((l, i)) => {
                         prop_assert!(full);
@@ -509,13 +541,8 @@ mod tests {
                     None => prop_assert!(!full),
                 }
                 model[lane].push_back(next);
-                prop_assert!(lanes.len() <= capacity);
-                prop_assert_eq!(lanes.len(), model.iter().map(VecDeque::len).sum::<usize>());
-            }
-            while let Some((l, i)) = lanes.pop() {
-                prop_assert_eq!(model[l].pop_front(), Some(i));
-            }
-            prop_assert!(model.iter().all(VecDeque::is_empty));
+                Ok(())
+            })?;
         }
 
         /// Admission: the bound holds, lanes keep their order, an item is refused only when
@@ -526,23 +553,14 @@ mod tests {
             capacity in 1usize..12,
             ops in proptest::collection::vec((0usize..4, any::<bool>()), 0..200),
         ) {
-            let mut lanes: Lanes<(usize, usize)> = Lanes::new(capacity);
-            let mut model: Vec<VecDeque<usize>> = vec![VecDeque::new(); 4];
-            for (next, (lane, pop)) in ops.into_iter().enumerate() {
-                if pop {
-                    if let Some((l, i)) = lanes.pop() {
-                        prop_assert_eq!(model[l].pop_front(), Some(i));
-                    }
-                    continue;
-                }
+            replay(capacity, ops, |lanes, model, lane, next| {
                 let full = lanes.len() == capacity;
-                let longest = model.iter().map(VecDeque::len).max().unwrap_or(0);
-                let own = model[lane].len();
+                let (longest, own) = (longest(model), model[lane].len());
                 match lanes.admit(lane, (lane, next)) {
                     Err(refused) => {
                         prop_assert!(full && longest == own);
                         prop_assert_eq!(refused, (lane, next));
-                        continue;
+                        return Ok(());
                     }
                     Ok(Some((l, i))) => {
                         prop_assert!(full && longest > own);
@@ -552,13 +570,8 @@ mod tests {
                     Ok(None) => prop_assert!(!full),
                 }
                 model[lane].push_back(next);
-                prop_assert!(lanes.len() <= capacity);
-                prop_assert_eq!(lanes.len(), model.iter().map(VecDeque::len).sum::<usize>());
-            }
-            while let Some((l, i)) = lanes.pop() {
-                prop_assert_eq!(model[l].pop_front(), Some(i));
-            }
-            prop_assert!(model.iter().all(VecDeque::is_empty));
+                Ok(())
+            })?;
         }
     }
 }

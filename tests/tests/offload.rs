@@ -344,6 +344,27 @@ async fn clients_without_a_fleet_certificate_are_refused() -> anyhow::Result<()>
     Ok(())
 }
 
+/// Asserts that `response` answers request `i` with onnxruntime's score for the reference
+/// window the request carried.
+fn assert_answers(
+    response: &protocol::frame::InferResponse,
+    i: usize,
+    reference: &spillway_tests::Reference,
+) {
+    assert_eq!(response.id, protocol::frame::RequestId(i as u64));
+    let score = response
+        .outputs
+        .iter()
+        .find(|t| t.name == "score")
+        .expect("a score output")
+        .data[0];
+    let want = reference.scores[i % reference.scores.len()];
+    assert!(
+        (score - want).abs() <= 1e-4 * want.abs().max(1.0),
+        "request {i}: score {score}, onnxruntime says {want}"
+    );
+}
+
 /// Requests that arrive together share an inference call on the replica, and each still gets
 /// the answer for its own window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,18 +410,7 @@ async fn requests_served_in_one_call_each_get_their_own_windows_answer() -> anyh
         let Message::InferResponse(response) = answer? else {
             panic!("request {i} was not answered with a result");
         };
-        assert_eq!(response.id, RequestId(i as u64));
-        let score = response
-            .outputs
-            .iter()
-            .find(|t| t.name == "score")
-            .expect("a score output")
-            .data[0];
-        let want = reference.scores[i % reference.scores.len()];
-        assert!(
-            (score - want).abs() <= 1e-4 * want.abs().max(1.0),
-            "request {i}: score {score}, onnxruntime says {want}"
-        );
+        assert_answers(&response, i, &reference);
         answered[i] = true;
     }
     assert!(answered.iter().all(|&a| a));
@@ -503,18 +513,7 @@ async fn a_bursting_agent_neither_starves_nor_delays_another_at_a_replica() -> a
         let Message::InferResponse(response) = answer else {
             panic!("the quiet agent's request {i} was not served: {answer:?}");
         };
-        assert_eq!(response.id, RequestId(i as u64));
-        let score = response
-            .outputs
-            .iter()
-            .find(|t| t.name == "score")
-            .expect("a score output")
-            .data[0];
-        let want = reference.scores[i % reference.scores.len()];
-        assert!(
-            (score - want).abs() <= 1e-4 * want.abs().max(1.0),
-            "request {i}: score {score}, onnxruntime says {want}"
-        );
+        assert_answers(&response, i, &reference);
         quiet.push(waited(&response));
     }
     stop.store(true, Ordering::Relaxed);
