@@ -12,10 +12,10 @@
 //! once (it runs on its agent instead); one from an agent holding less takes the place of
 //! that agent's newest request, which is answered `Overloaded` in its stead. A request whose
 //! deadline passed while it waited is dropped unrun and answered `DeadlineExceeded`, so a
-//! backlog never turns into work nobody waits for. Connections are
-//! mutual TLS against the fleet CA and capped in number. Bad frames get an error answer, a
-//! counter and a log line whose rate falls off; they never take the server down. Shutdown
-//! stops accepting, lets open requests finish (bounded), then closes the endpoint.
+//! backlog never turns into work nobody waits for. Connections are mutual TLS against the
+//! fleet CA and capped in number. Bad frames get an error answer, a counter and a log line
+//! whose rate falls off; they never take the server down. Shutdown stops accepting, lets open
+//! requests finish (bounded), then closes the endpoint.
 
 // The replica is a driver: it reads the clock for deadlines and service times.
 #![allow(clippy::disallowed_methods)]
