@@ -344,6 +344,22 @@ async fn clients_without_a_fleet_certificate_are_refused() -> anyhow::Result<()>
     Ok(())
 }
 
+/// Connects to `replica` as an agent of the fleet, from an endpoint of its own (keep it while
+/// the connection is used).
+async fn connect_as_agent(
+    certs: &Certs,
+    replica: &ReplicaProcess,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(edge_agent::offload::client_config(
+        &certs.path("ca.pem"),
+        &certs.path("agent.pem"),
+        &certs.path("agent.key"),
+    )?);
+    let conn = endpoint.connect(replica.addr(), "localhost")?.await?;
+    Ok((endpoint, conn))
+}
+
 /// Asserts that `response` answers request `i` with onnxruntime's score for the reference
 /// window the request carried.
 fn assert_answers(
@@ -381,13 +397,7 @@ async fn requests_served_in_one_call_each_get_their_own_windows_answer() -> anyh
         .map(|&d| d as u32)
         .collect();
 
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    endpoint.set_default_client_config(edge_agent::offload::client_config(
-        &certs.path("ca.pem"),
-        &certs.path("agent.pem"),
-        &certs.path("agent.key"),
-    )?);
-    let conn = endpoint.connect(replica.addr(), "localhost")?.await?;
+    let (_endpoint, conn) = connect_as_agent(&certs, &replica).await?;
     // All at once, so the replica's single thread finds many waiting each time it looks.
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..REQUESTS {
@@ -463,18 +473,8 @@ async fn a_bursting_agent_neither_starves_nor_delays_another_at_a_replica() -> a
         }
     };
     // Two agents: a connection each, from endpoints of their own.
-    let connect = || async {
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-        endpoint.set_default_client_config(edge_agent::offload::client_config(
-            &certs.path("ca.pem"),
-            &certs.path("agent.pem"),
-            &certs.path("agent.key"),
-        )?);
-        let conn = endpoint.connect(replica.addr(), "localhost")?.await?;
-        anyhow::Ok((endpoint, conn))
-    };
-    let (_burst_endpoint, burst_conn) = connect().await?;
-    let (_quiet_endpoint, quiet_conn) = connect().await?;
+    let (_burst_endpoint, burst_conn) = connect_as_agent(&certs, &replica).await?;
+    let (_quiet_endpoint, quiet_conn) = connect_as_agent(&certs, &replica).await?;
 
     // Waits are the replica's own (`server_time_us`: arrival to answer), free of this test
     // client's scheduling, which the burst's tasks crowd.
