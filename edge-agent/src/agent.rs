@@ -3,7 +3,8 @@
 //! [`run`] loads the models, starts the worker pool, a publisher task (results → MQTT QoS 1)
 //! and a status task (retained status every few seconds), then polls the MQTT event loop,
 //! handing publishes to [`Ingest`]. Connection loss is retried with doubling backoff; every
-//! (re)connection resubscribes and republishes the online status. With a `[hub]`, a session
+//! (re)connection resubscribes and republishes the online status, and publishes again what the
+//! broker had not acknowledged ([`Connection`]). With a `[hub]`, a session
 //! task ([`crate::hub`]) enrols if needed, heartbeats and feeds the hub's replica sets to the
 //! offload client. On shutdown the agent
 //! unsubscribes, lets the workers finish the queue, publishes every result, waits (bounded)
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::Batcher;
 use crate::config::AgentConfig;
+use crate::connection::Connection;
 use crate::hub::HubContext;
 use crate::ingest::Ingest;
 use crate::offload::Offload;
@@ -87,7 +89,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     );
     options
         .set_keep_alive(Duration::from_secs(config.mqtt.keep_alive_secs))
-        .set_clean_session(true)
+        .set_clean_session(!config.mqtt.persistent_session)
         .set_max_packet_size(config.mqtt.max_packet_bytes, config.mqtt.max_packet_bytes)
         .set_last_will(LastWill::new(
             topics.status(),
@@ -105,6 +107,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let mut network = rumqttc::NetworkOptions::new();
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
+    let mut connection = Connection::new(eventloop, Arc::clone(&shared.counters));
 
     // Hand-offs of up to `HANDOFF_MAX` results each: a bound of about a queue's worth of
     // results under load, and room for 64 single results when the load is light.
@@ -263,7 +266,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
-            event = eventloop.poll() => event,
+            event = connection.poll() => event,
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -333,7 +336,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     if client.try_unsubscribe(filter).is_ok() {
         let unsubscribed = tokio::time::Instant::now() + Duration::from_secs(1);
         while let Ok(event) =
-            tokio::time::timeout_at(unsubscribed.min(deadline), eventloop.poll()).await
+            tokio::time::timeout_at(unsubscribed.min(deadline), connection.poll()).await
         {
             match event {
                 Ok(Event::Incoming(Packet::UnsubAck(_))) => break,
@@ -386,7 +389,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             break false;
         }
         // Poll in short slices so the pool and the publisher are checked often.
-        match tokio::time::timeout(remaining.min(Duration::from_millis(20)), eventloop.poll()).await
+        match tokio::time::timeout(remaining.min(Duration::from_millis(20)), connection.poll())
+            .await
         {
             Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
                 Counters::bump(&shared.counters.mqtt_acks);
@@ -406,6 +410,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         tracing::warn!(
             sent = shared.qos1_sent.load(Ordering::Relaxed),
             acked = shared.counters.mqtt_acks.load(Ordering::Relaxed),
+            waiting_for_the_broker = connection.carried(),
             "drain timeout: not every result was acknowledged"
         );
     }
@@ -421,7 +426,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let _ = client.try_publish(topics.status(), QoS::AtLeastOnce, true, last_word);
     let _ = client.try_disconnect();
     let bye = tokio::time::Instant::now() + Duration::from_millis(500);
-    while let Ok(Ok(event)) = tokio::time::timeout_at(bye, eventloop.poll()).await {
+    while let Ok(Ok(event)) = tokio::time::timeout_at(bye, connection.poll()).await {
         if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
             break;
         }

@@ -228,6 +228,12 @@ pub struct MqttSection {
     /// MQTT keep-alive.
     #[serde(default = "default_keep_alive_secs")]
     pub keep_alive_secs: u64,
+    /// Asks the broker to keep the agent's session while it is away (clean session off): its
+    /// subscription, and the windows published to it meanwhile, up to the broker's own queue
+    /// limit; through a broker restart too, where the broker persists sessions. Off: windows
+    /// published while the agent is disconnected are not kept for it.
+    #[serde(default)]
+    pub persistent_session: bool,
     /// First reconnection delay; it doubles up to `reconnect_max_ms`.
     #[serde(default = "default_reconnect_min_ms")]
     pub reconnect_min_ms: u64,
@@ -261,6 +267,7 @@ impl Default for MqttSection {
             username: None,
             password: None,
             keep_alive_secs: default_keep_alive_secs(),
+            persistent_session: false,
             reconnect_min_ms: default_reconnect_min_ms(),
             reconnect_max_ms: default_reconnect_max_ms(),
             max_packet_bytes: default_max_packet_bytes(),

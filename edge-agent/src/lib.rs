@@ -12,7 +12,9 @@
 //! replica through [`offload::Offload`] (QUIC, mutual TLS, power of two choices, fallback to
 //! local on any failure). Results go back through a bounded channel to a
 //! publisher task (MQTT QoS 1), one message per result or, with `mqtt.result_batch`, one per
-//! sensor's [`batch::Batch`] of them. Every bound is explicit, so overload turns into counted
+//! sensor's [`batch::Batch`] of them; [`connection::Connection`] carries the publishes the
+//! broker had not acknowledged across a dropped connection, so results are delivered at least
+//! once. Every bound is explicit, so overload turns into counted
 //! shedding ([`telemetry::Counters`]) instead of memory growth, and bad input is refused with
 //! a counter and a rate-limited log line while every other sensor keeps flowing.
 //!
@@ -32,6 +34,7 @@
 pub mod agent;
 pub mod batch;
 pub mod config;
+pub mod connection;
 pub mod cpu_quota;
 pub mod hub;
 pub mod ingest;

@@ -71,6 +71,9 @@ counters! {
     mqtt_subscriptions_refused,
     /// Connections to the broker lost or refused.
     mqtt_connection_errors,
+    /// QoS 1 publishes the broker had not acknowledged when a connection dropped, published
+    /// again on the next one (a subscriber may see such a result twice, never zero times).
+    mqtt_republished,
     /// Enrolments with the hub that succeeded.
     hub_enrolments,
     /// Sessions with the hub established.

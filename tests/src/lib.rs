@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 pub mod fleet;
 pub mod hub;
 pub mod load;
+pub mod tcp_relay;
 
 use anyhow::{Context, bail};
 use protocol::edge::{InferenceResult, Status, decode_results};
@@ -65,6 +66,7 @@ pub struct Broker {
     dir: tempfile::TempDir,
     port: u16,
     owned: bool,
+    persistent: bool,
     child: Option<Child>,
 }
 
@@ -81,6 +83,7 @@ impl Broker {
                     dir: tempfile::tempdir()?,
                     port,
                     owned: false,
+                    persistent: false,
                     child: None,
                 })
             }
@@ -90,6 +93,17 @@ impl Broker {
 
     /// Starts mosquitto on a free loopback port.
     pub fn start(binary: &Path) -> anyhow::Result<Broker> {
+        Broker::start_with(binary, false)
+    }
+
+    /// Starts mosquitto with persistence: on a clean stop it saves its sessions (clients
+    /// that asked to be kept, their subscriptions and the messages queued for them) to its
+    /// folder, and loads them when it starts again.
+    pub fn start_persistent(binary: &Path) -> anyhow::Result<Broker> {
+        Broker::start_with(binary, true)
+    }
+
+    fn start_with(binary: &Path, persistent: bool) -> anyhow::Result<Broker> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let mut broker = Broker {
@@ -97,6 +111,7 @@ impl Broker {
             dir,
             port,
             owned: true,
+            persistent,
             child: None,
         };
         broker.spawn()?;
@@ -109,14 +124,26 @@ impl Broker {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
+        // Started as root, mosquitto runs as the `mosquitto` user: its database folder must
+        // be open to it (and the temporary folder above it passable).
+        let db = self.dir.path().join("db");
+        if self.persistent && !db.exists() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir(&db)?;
+            std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o777))?;
+            std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o711))?;
+        }
         let conf = self.dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence {}\n\
+                 persistence_location {}/\n\
                  max_queued_messages 200000\nmax_inflight_messages 0\nmessage_size_limit 0\n\
                  log_dest stderr\nlog_type error\n",
-                self.port
+                self.port,
+                self.persistent,
+                db.display()
             ),
         )?;
         let log = std::fs::File::create(self.dir.path().join("mosquitto.log"))?;
@@ -145,6 +172,21 @@ impl Broker {
             bail!("this broker is not owned by the test");
         }
         self.kill();
+        self.spawn()
+    }
+
+    /// Stops it as an operator would (SIGTERM: it closes every connection and, when
+    /// persistent, saves its sessions) and starts it again on the same port.
+    pub fn restart_cleanly(&mut self) -> anyhow::Result<()> {
+        if !self.owned {
+            bail!("this broker is not owned by the test");
+        }
+        if let Some(mut child) = self.child.take() {
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()?;
+            child.wait()?;
+        }
         self.spawn()
     }
 }
@@ -297,9 +339,29 @@ pub struct Listener {
 impl Listener {
     /// Subscribes to every inference topic and the status topic of `site`/`gateway`.
     pub async fn start(port: u16, site: &str, gateway: &str) -> anyhow::Result<Listener> {
+        Listener::start_with(port, site, gateway, false).await
+    }
+
+    /// Like [`Listener::start`], with a session the broker keeps while the listener is away
+    /// (clean session off), so a result published meanwhile waits for it.
+    pub async fn start_persistent(
+        port: u16,
+        site: &str,
+        gateway: &str,
+    ) -> anyhow::Result<Listener> {
+        Listener::start_with(port, site, gateway, true).await
+    }
+
+    async fn start_with(
+        port: u16,
+        site: &str,
+        gateway: &str,
+        persistent: bool,
+    ) -> anyhow::Result<Listener> {
         let mut options = MqttOptions::new(format!("listener-{}", free_port()?), "127.0.0.1", port);
         options
             .set_keep_alive(Duration::from_secs(5))
+            .set_clean_session(!persistent)
             .set_max_packet_size(4 << 20, 4 << 20);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         let prefix = format!("spillway/{site}/{gateway}");
@@ -438,10 +500,21 @@ pub struct Publisher {
 impl Publisher {
     /// Connects to the broker on `port`.
     pub async fn connect(port: u16) -> anyhow::Result<Publisher> {
+        Publisher::connect_with(port, false).await
+    }
+
+    /// Like [`Publisher::connect`], with a session the broker keeps (clean session off), so
+    /// publishes it had not acknowledged when the connection dropped are sent again.
+    pub async fn connect_persistent(port: u16) -> anyhow::Result<Publisher> {
+        Publisher::connect_with(port, true).await
+    }
+
+    async fn connect_with(port: u16, persistent: bool) -> anyhow::Result<Publisher> {
         let mut options =
             MqttOptions::new(format!("publisher-{}", free_port()?), "127.0.0.1", port);
         options
             .set_keep_alive(Duration::from_secs(5))
+            .set_clean_session(!persistent)
             .set_max_packet_size(4 << 20, 4 << 20)
             .set_inflight(200);
         let (client, mut eventloop) = AsyncClient::new(options, 1024);

@@ -1,0 +1,178 @@
+//! A TCP relay whose link can go dark and be cut, for faults of the network between an agent
+//! and its broker while both stay up.
+//!
+//! [`TcpRelay::go_dark`] stops forwarding bytes, both ways, on the connections open now:
+//! what either side writes waits in the relay's socket buffers, as on a link that went dark
+//! with TCP still up. [`TcpRelay::cut`] then resets those connections (RST: whatever was held
+//! is gone) and lets new connections through as usual, as when the link returns. It runs on a
+//! thread of its own, so a busy test cannot hold up the "network".
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::watch;
+
+/// The link as the relay's connections see it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Link {
+    /// Connections accepted before a cut have an older generation and close.
+    generation: u64,
+    /// Whether bytes are held instead of forwarded.
+    dark: bool,
+}
+
+/// A TCP relay from a loopback port to one upstream address.
+pub struct TcpRelay {
+    addr: SocketAddr,
+    link: watch::Sender<Link>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TcpRelay {
+    /// Relays connections on a free loopback port to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> anyhow::Result<TcpRelay> {
+        let (link, _) = watch::channel(Link::default());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let links = link.clone();
+        let thread = std::thread::Builder::new()
+            .name("tcp-relay".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::Error::from(e)));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    tokio::select! {
+                        _ = stop_rx => {}
+                        _ = accept(upstream, links, ready_tx) => {}
+                    }
+                });
+            })?;
+        let addr = ready_rx.await.context("the relay thread died")??;
+        Ok(TcpRelay {
+            addr,
+            link,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Holds every byte, both ways, on the connections open now.
+    pub fn go_dark(&self) {
+        self.link.send_modify(|l| l.dark = true);
+    }
+
+    /// Resets the connections open now; new ones are relayed as usual.
+    pub fn cut(&self) {
+        self.link.send_modify(|l| {
+            l.generation += 1;
+            l.dark = false;
+        });
+    }
+}
+
+async fn accept(
+    upstream: SocketAddr,
+    link: watch::Sender<Link>,
+    ready: tokio::sync::oneshot::Sender<anyhow::Result<SocketAddr>>,
+) {
+    let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e.into()));
+            return;
+        }
+    };
+    match listener.local_addr() {
+        Ok(addr) => {
+            let _ = ready.send(Ok(addr));
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e.into()));
+            return;
+        }
+    }
+    while let Ok((client, _)) = listener.accept().await {
+        let Ok(server) = TcpStream::connect(upstream).await else {
+            continue;
+        };
+        let generation = link.borrow().generation;
+        let (a, b) = (link.subscribe(), link.subscribe());
+        tokio::spawn(async move {
+            // A reset, not a close: the peer learns at once that what it sent is gone.
+            let _ = client.set_zero_linger();
+            let _ = server.set_zero_linger();
+            let (client_rx, client_tx) = client.into_split();
+            let (server_rx, server_tx) = server.into_split();
+            // Either direction ending (a peer closed, or a cut) ends both.
+            tokio::select! {
+                _ = pump(client_rx, server_tx, a, generation) => {}
+                _ = pump(server_rx, client_tx, b, generation) => {}
+            }
+        });
+    }
+}
+
+/// Copies `from` to `to` while the link is up and of `generation`.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut link: watch::Receiver<Link>,
+    generation: u64,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let now = *link.borrow_and_update();
+        if now.generation != generation {
+            return;
+        }
+        if now.dark {
+            if link.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            changed = link.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
