@@ -29,7 +29,9 @@ use crate::connection::Connection;
 use crate::hub::HubContext;
 use crate::ingest::Ingest;
 use crate::offload::Offload;
-use crate::pool::{self, Outgoing, Pool, QueueProbe};
+use crate::outbox::{Message, Outbox};
+use crate::pool::{self, Pool, QueueProbe};
+use crate::publisher::{Sink, drain_outbox, publish_results};
 use crate::router::Router;
 use crate::serving::{ModelSlots, ServedModel};
 use crate::status::Sampler;
@@ -50,7 +52,7 @@ struct Shared {
     shed_by_sensor: Arc<crate::telemetry::ShedBySensor>,
     sensors: Arc<AtomicUsize>,
     /// QoS 1 publishes handed to the client (results and status).
-    qos1_sent: AtomicU64,
+    qos1_sent: Arc<AtomicU64>,
 }
 
 /// Runs the agent until `shutdown` is cancelled, then drains and returns.
@@ -66,7 +68,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         counters: Arc::new(Counters::default()),
         shed_by_sensor: Arc::default(),
         sensors: Arc::new(AtomicUsize::new(0)),
-        qos1_sent: AtomicU64::new(0),
+        qos1_sent: Arc::default(),
     });
     let updater = config.hub.endpoint.is_some().then(|| {
         let updater = Arc::new(Updater::new(
@@ -172,12 +174,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             Duration::from_millis(config.mqtt.result_linger_ms),
         )
     });
-    let publisher = tokio::spawn(publish_results(
+    let outbox = match &config.mqtt.outbox_path {
+        Some(path) => Some(Arc::new(std::sync::Mutex::new(open_outbox(
+            path,
+            config.mqtt.outbox_max_bytes,
+            &shared.counters,
+        )?))),
+        None => None,
+    };
+    let sink = Sink::new(
         client.clone(),
-        results_rx,
-        Arc::clone(&shared),
-        batching,
-    ));
+        Arc::clone(&shared.counters),
+        Arc::clone(&shared.qos1_sent),
+        connection.connected(),
+        outbox,
+    );
+    let publisher = tokio::spawn(publish_results(sink.clone(), results_rx, batching));
+    let drainer_stop = CancellationToken::new();
+    let drainer = tokio::spawn(drain_outbox(sink.clone(), drainer_stop.clone()));
 
     let status_stop = CancellationToken::new();
     let status_task = {
@@ -381,7 +395,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         }
         let all_acked = shared.counters.mqtt_acks.load(Ordering::Relaxed)
             >= shared.qos1_sent.load(Ordering::Relaxed);
-        if publisher.is_none() && all_acked {
+        if publisher.is_none() && all_acked && sink.outbox_is_empty() {
             break true;
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -406,6 +420,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             }
         }
     };
+    drainer_stop.cancel();
+    let _ = drainer.await;
     if !drained {
         tracing::warn!(
             sent = shared.qos1_sent.load(Ordering::Relaxed),
@@ -413,6 +429,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             waiting_for_the_broker = connection.carried(),
             "drain timeout: not every result was acknowledged"
         );
+        // What the client still holds goes to the outbox for the next start (the status
+        // is republished anyway).
+        let status_topic = topics.status();
+        let unacknowledged = connection
+            .take_unacknowledged()
+            .into_iter()
+            .filter(|p| p.topic != status_topic)
+            .map(|p| Message {
+                results: result_count(&p.payload),
+                topic: p.topic,
+                payload: p.payload.to_vec(),
+            });
+        let kept = sink.keep(unacknowledged);
+        if kept > 0 {
+            tracing::info!(kept, "unacknowledged result messages kept in the outbox");
+        }
     }
     // A clean stop says so itself, with the final counters; the last will is only for an
     // agent that vanished.
@@ -550,81 +582,30 @@ impl HeartbeatSource {
     }
 }
 
-async fn publish_results(
-    client: AsyncClient,
-    mut results: tokio::sync::mpsc::Receiver<Vec<Outgoing>>,
-    shared: Arc<Shared>,
-    batching: Option<Batcher>,
-) {
-    let Some(mut batcher) = batching else {
-        while let Some(handed) = results.recv().await {
-            for Outgoing { topic, payload } in handed {
-                publish_result(&client, &shared, topic, payload, 1).await;
-            }
-        }
-        return;
-    };
-    loop {
-        let next = match batcher.next_due() {
-            None => results.recv().await,
-            Some(due) => tokio::select! {
-                next = results.recv() => next,
-                () = tokio::time::sleep_until(due.into()) => {
-                    for b in batcher.take_due(Instant::now()) {
-                        publish_result(&client, &shared, b.topic, b.payload, b.results).await;
-                    }
-                    continue;
-                }
-            },
-        };
-        let Some(first) = next else { break };
-        // Take what is ready before publishing, so batches fill under load; a bounded
-        // amount, so a full batch never waits long for the publisher to look up.
-        let now = Instant::now();
-        let mut ready = Vec::new();
-        let mut handed = vec![first];
-        while handed.len() < READY_PER_PASS
-            && let Ok(more) = results.try_recv()
-        {
-            handed.push(more);
-        }
-        for result in handed.into_iter().flatten() {
-            ready.extend(batcher.push(result, now));
-        }
-        ready.extend(batcher.take_due(now));
-        for b in ready {
-            publish_result(&client, &shared, b.topic, b.payload, b.results).await;
-        }
+/// Opens the outbox; a damaged file is set aside (and counted), an unusable path is an error.
+fn open_outbox(
+    path: &std::path::Path,
+    max_bytes: u64,
+    counters: &Counters,
+) -> anyhow::Result<Outbox> {
+    let (outbox, set_aside) = Outbox::open(path, max_bytes)?;
+    if let Some(why) = set_aside {
+        Counters::bump(&counters.outbox_unreadable);
+        tracing::error!("outbox unreadable, started a new one: {why}");
     }
-    for b in batcher.take_all() {
-        publish_result(&client, &shared, b.topic, b.payload, b.results).await;
+    if !outbox.is_empty() {
+        tracing::info!(
+            messages = outbox.len(),
+            path = %path.display(),
+            "result messages from an earlier run wait in the outbox"
+        );
     }
+    Ok(outbox)
 }
 
-/// Most hand-offs from the workers the publisher takes before it publishes what is full.
-const READY_PER_PASS: usize = 64;
-
-/// Publishes one result message carrying `results` results.
-async fn publish_result(
-    client: &AsyncClient,
-    shared: &Shared,
-    topic: String,
-    payload: Vec<u8>,
-    results: usize,
-) {
-    match client
-        .publish(topic, QoS::AtLeastOnce, false, payload)
-        .await
-    {
-        Ok(()) => {
-            shared.qos1_sent.fetch_add(1, Ordering::Relaxed);
-            shared
-                .counters
-                .results_published
-                .fetch_add(results as u64, Ordering::Relaxed);
-        }
-        Err(e) => tracing::error!("MQTT client closed, {results} result(s) lost: {e}"),
-    }
+/// Results in a result message: one object, or an array of them.
+fn result_count(payload: &[u8]) -> u32 {
+    protocol::edge::decode_results(payload).map_or(1, |r| u32::try_from(r.len()).unwrap_or(1))
 }
 
 fn unix_now() -> f64 {

@@ -256,6 +256,15 @@ pub struct MqttSection {
     /// before its batch is published anyway (0: publish what is ready, never wait).
     #[serde(default = "default_result_linger_ms")]
     pub result_linger_ms: u64,
+    /// File that keeps results while the broker is away, and through a stop (relative paths
+    /// from the config file's folder); none: results wait in memory only, and those the
+    /// broker has not taken at a stop are lost.
+    #[serde(default)]
+    pub outbox_path: Option<PathBuf>,
+    /// Largest used size of the outbox file (its 8 KiB header included); past it, results
+    /// are dropped and counted. The file grows by doubling: on disk, up to twice this.
+    #[serde(default = "default_outbox_max_bytes")]
+    pub outbox_max_bytes: u64,
 }
 
 impl Default for MqttSection {
@@ -274,6 +283,8 @@ impl Default for MqttSection {
             request_capacity: default_request_capacity(),
             result_batch: default_result_batch(),
             result_linger_ms: default_result_linger_ms(),
+            outbox_path: None,
+            outbox_max_bytes: default_outbox_max_bytes(),
         }
     }
 }
@@ -495,6 +506,9 @@ fn default_max_packet_bytes() -> usize {
 fn default_request_capacity() -> usize {
     1024
 }
+fn default_outbox_max_bytes() -> u64 {
+    64 << 20
+}
 fn default_result_batch() -> usize {
     1
 }
@@ -546,6 +560,7 @@ impl AgentConfig {
                 &mut o.ca_cert,
                 &mut o.cert,
                 &mut o.key,
+                &mut config.mqtt.outbox_path,
             ]);
             for path in paths {
                 if let Some(p) = path
@@ -634,6 +649,9 @@ impl AgentConfig {
             problems.push(format!(
                 "mqtt.result_batch must be in 1..={MAX_RESULT_BATCH}"
             ));
+        }
+        if m.outbox_path.is_some() && m.outbox_max_bytes < 64 << 10 {
+            problems.push("mqtt.outbox_max_bytes must be at least 65536".into());
         }
         if m.result_linger_ms > 1000 {
             problems.push("mqtt.result_linger_ms must be at most 1000".into());

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use rumqttc::{ConnectionError, Event, EventLoop, Packet, Publish, Request};
+use tokio::sync::watch;
 
 use crate::telemetry::Counters;
 
@@ -74,6 +75,7 @@ pub struct Connection {
     eventloop: EventLoop,
     carried: Carried,
     counters: Arc<Counters>,
+    connected: watch::Sender<bool>,
 }
 
 impl Connection {
@@ -83,7 +85,13 @@ impl Connection {
             eventloop,
             carried: Carried::default(),
             counters,
+            connected: watch::Sender::new(false),
         }
+    }
+
+    /// Whether the broker has accepted the connection and no poll has failed since.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.subscribe()
     }
 
     /// Polls the event loop once, as [`EventLoop::poll`] does: on an error the next call
@@ -95,13 +103,11 @@ impl Connection {
         let event = self.eventloop.poll().await;
         match &event {
             Err(_) => {
-                // A publish held back for a packet id still in use is in neither list.
-                if let Some(publish) = self.eventloop.state.collision.take() {
-                    self.eventloop.pending.push_front(Request::Publish(publish));
-                }
-                self.carried.take_from(&mut self.eventloop.pending);
+                self.connected.send_replace(false);
+                self.carry_pending();
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                self.connected.send_replace(true);
                 let restored = self
                     .carried
                     .restore_into(&mut self.eventloop.pending, ack.session_present);
@@ -124,6 +130,23 @@ impl Connection {
     /// Publishes waiting for the broker to come back.
     pub fn carried(&self) -> usize {
         self.carried.len()
+    }
+
+    /// Takes every publish not acknowledged yet: carried ones, in flight, and still waiting
+    /// in the client's channel. For a stop that cannot wait for the broker any longer.
+    pub fn take_unacknowledged(&mut self) -> Vec<Publish> {
+        // Moves what is in flight and what waits in the channel to `pending`.
+        self.eventloop.clean();
+        self.carry_pending();
+        self.carried.publishes.drain(..).collect()
+    }
+
+    fn carry_pending(&mut self) {
+        // A publish held back for a packet id still in use is in neither list.
+        if let Some(publish) = self.eventloop.state.collision.take() {
+            self.eventloop.pending.push_front(Request::Publish(publish));
+        }
+        self.carried.take_from(&mut self.eventloop.pending);
     }
 }
 

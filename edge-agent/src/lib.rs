@@ -10,11 +10,12 @@
 //! plan from `models` — or, when
 //! the forecast says the gateway will saturate or the queue would miss the SLO, to a cloud
 //! replica through [`offload::Offload`] (QUIC, mutual TLS, power of two choices, fallback to
-//! local on any failure). Results go back through a bounded channel to a
-//! publisher task (MQTT QoS 1), one message per result or, with `mqtt.result_batch`, one per
-//! sensor's [`batch::Batch`] of them; [`connection::Connection`] carries the publishes the
-//! broker had not acknowledged across a dropped connection, so results are delivered at least
-//! once. Every bound is explicit, so overload turns into counted
+//! local on any failure). Results go back through a bounded channel to the
+//! [`publisher`] task (MQTT QoS 1), one message per result or, with `mqtt.result_batch`, one
+//! per sensor's [`batch::Batch`] of them. Results are delivered at least once:
+//! [`connection::Connection`] carries the publishes the broker had not acknowledged across a
+//! dropped connection, and while the broker is out of reach the [`outbox::Outbox`] keeps
+//! results on disk, through a restart too. Every bound is explicit, so overload turns into counted
 //! shedding ([`telemetry::Counters`]) instead of memory growth, and bad input is refused with
 //! a counter and a rate-limited log line while every other sensor keeps flowing.
 //!
@@ -39,7 +40,9 @@ pub mod cpu_quota;
 pub mod hub;
 pub mod ingest;
 pub mod offload;
+pub mod outbox;
 pub mod pool;
+pub mod publisher;
 pub mod router;
 pub mod serving;
 pub mod status;

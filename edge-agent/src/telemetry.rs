@@ -74,6 +74,14 @@ counters! {
     /// QoS 1 publishes the broker had not acknowledged when a connection dropped, published
     /// again on the next one (a subscriber may see such a result twice, never zero times).
     mqtt_republished,
+    /// Results written to the outbox while the broker was away (or left at a stop).
+    outbox_written,
+    /// Results from the outbox handed to the MQTT client.
+    outbox_sent,
+    /// Results dropped because the outbox was full (`mqtt.outbox_max_bytes`) or unwritable.
+    outbox_dropped,
+    /// Outbox records or files that could not be read, dropped (a file is moved aside).
+    outbox_unreadable,
     /// Enrolments with the hub that succeeded.
     hub_enrolments,
     /// Sessions with the hub established.

@@ -4,8 +4,10 @@
 //! [`TcpRelay::go_dark`] stops forwarding bytes, both ways, on the connections open now:
 //! what either side writes waits in the relay's socket buffers, as on a link that went dark
 //! with TCP still up. [`TcpRelay::cut`] then resets those connections (RST: whatever was held
-//! is gone) and lets new connections through as usual, as when the link returns. It runs on a
-//! thread of its own, so a busy test cannot hold up the "network".
+//! is gone) and lets new connections through as usual, as when the link returns;
+//! [`TcpRelay::go_down`] resets them and refuses new ones until [`TcpRelay::come_up`], as when
+//! the broker is out of reach for a while. It runs on a thread of its own, so a busy test
+//! cannot hold up the "network".
 
 use std::net::SocketAddr;
 
@@ -22,6 +24,8 @@ struct Link {
     generation: u64,
     /// Whether bytes are held instead of forwarded.
     dark: bool,
+    /// Whether new connections are closed as soon as they are accepted.
+    down: bool,
 }
 
 /// A TCP relay from a loopback port to one upstream address.
@@ -85,6 +89,20 @@ impl TcpRelay {
             l.dark = false;
         });
     }
+
+    /// Resets the connections open now and refuses new ones.
+    pub fn go_down(&self) {
+        self.link.send_modify(|l| {
+            l.generation += 1;
+            l.dark = false;
+            l.down = true;
+        });
+    }
+
+    /// Relays new connections again.
+    pub fn come_up(&self) {
+        self.link.send_modify(|l| l.down = false);
+    }
 }
 
 async fn accept(
@@ -109,6 +127,10 @@ async fn accept(
         }
     }
     while let Ok((client, _)) = listener.accept().await {
+        if link.borrow().down {
+            let _ = client.set_zero_linger();
+            continue;
+        }
         let Ok(server) = TcpStream::connect(upstream).await else {
             continue;
         };

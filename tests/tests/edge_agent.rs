@@ -860,6 +860,121 @@ async fn a_link_that_goes_dark_and_drops_loses_no_result() -> anyhow::Result<()>
     Ok(())
 }
 
+/// The counters an agent logs when it stops (`stopped counters={"name": n, ...}`).
+fn logged_counters(log: &str) -> BTreeMap<String, u64> {
+    let Some(line) = log.lines().rev().find(|l| l.contains("stopped")) else {
+        return BTreeMap::new();
+    };
+    let Some(start) = line.find("counters={") else {
+        return BTreeMap::new();
+    };
+    let rest = &line[start + "counters={".len()..];
+    let body = &rest[..rest.find('}').unwrap_or(rest.len())];
+    body.split(", ")
+        .filter_map(|pair| {
+            let (name, value) = pair.split_once(": ")?;
+            Some((name.trim_matches('"').to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_wait_in_the_outbox_through_an_outage_and_a_restart() -> anyhow::Result<()> {
+    let Some(mosquitto) = require_mosquitto() else {
+        return Ok(());
+    };
+    let broker = Broker::shared_or_start(&mosquitto)?;
+    let relay = TcpRelay::start(([127, 0, 0, 1], broker.port()).into()).await?;
+    let state = tempfile::tempdir()?;
+    let outbox = state.path().join("outbox");
+    let outbox_env = outbox.to_str().context("temporary path is UTF-8")?;
+    let gateway = "gw-outbox";
+    let config = agent_config(
+        relay.port(),
+        gateway,
+        "queue_capacity = 32768\ndrain_timeout_ms = 1000",
+    );
+    // A small client channel, so the results of the outage go to the outbox as they come,
+    // not only what the client holds at the stop.
+    let env = [
+        ("SPILLWAY__MQTT__OUTBOX_PATH", outbox_env),
+        ("SPILLWAY__MQTT__REQUEST_CAPACITY", "16"),
+    ];
+    let mut first = Agent::start(&config, &env)?;
+    let listener = Listener::start(broker.port(), "test", gateway).await?;
+    listener
+        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
+        .await;
+    let publisher = Publisher::connect(broker.port()).await?;
+    let reference = reference("vibration-ae")?;
+
+    // A burst; once its first results are out, the broker goes out of the agent's reach, and
+    // the agent is stopped before it comes back.
+    for i in 0..20_000 {
+        let (_, bytes) = payload(i, &reference.windows[i % 64]);
+        publisher
+            .publish(&data_topic(gateway, &format!("s{}", i % 5)), bytes)
+            .await?;
+    }
+    assert!(
+        listener
+            .wait_until(Duration::from_secs(30), |l| l.results.len() >= 500)
+            .await,
+        "no results before the outage; log:\n{}",
+        first.log()
+    );
+    relay.go_down();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(first.terminate(Duration::from_secs(60))?);
+    let before = logged_counters(&first.log());
+    let delivered_before = listener.result_count();
+
+    // The next start, with the broker back, publishes what the first one kept.
+    relay.come_up();
+    let mut second = Agent::start(&config, &env)?;
+    let distinct = |l: &spillway_tests::Collected| {
+        l.results
+            .iter()
+            .map(|r| (r.sensor.clone(), r.ts as u64))
+            .collect::<std::collections::HashSet<_>>()
+            .len() as u64
+    };
+    listener
+        .wait_until(Duration::from_secs(30), |l| {
+            distinct(l) >= before["inferences_ok"]
+        })
+        .await;
+    assert!(second.terminate(Duration::from_secs(20))?);
+    let after = listener
+        .final_status(Duration::from_secs(5))
+        .await
+        .expect("final status")
+        .counters;
+    let (received, delivered) = listener.with(|l| (l.results.len(), distinct(l)));
+    println!(
+        "outage, stop, start: {} windows reached the first agent, {} results computed, {} \
+         delivered before the outage, {} written to the outbox; the next start sent {} from \
+         it; {delivered} distinct results delivered ({received} with duplicates)",
+        before["windows_enqueued"],
+        before["inferences_ok"],
+        delivered_before,
+        before["outbox_written"],
+        after["outbox_sent"],
+    );
+    // The outage caught results, or this test tested nothing.
+    assert!(before["outbox_written"] > 0, "{before:?}");
+    assert_eq!(
+        before["outbox_dropped"] + before["windows_shed"],
+        0,
+        "{before:?}"
+    );
+    assert_eq!(
+        delivered, before["inferences_ok"],
+        "results computed but never delivered: first {before:?}, second {after:?}"
+    );
+    Ok(())
+}
+
 /// Reads notifications from systemd's side of the socket (100 ms read timeout) until `want`
 /// arrives or `quiet` reads in a row find nothing.
 fn wait_for_notice(
