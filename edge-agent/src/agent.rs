@@ -191,7 +191,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     );
     let publisher = tokio::spawn(publish_results(sink.clone(), results_rx, batching));
     let drainer_stop = CancellationToken::new();
-    let drainer = tokio::spawn(drain_outbox(sink.clone(), drainer_stop.clone()));
+    let drainer = sink
+        .has_outbox()
+        .then(|| tokio::spawn(drain_outbox(sink.clone(), drainer_stop.clone())));
 
     let status_stop = CancellationToken::new();
     let status_task = {
@@ -421,7 +423,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         }
     };
     drainer_stop.cancel();
-    let _ = drainer.await;
+    if let Some(drainer) = drainer {
+        let _ = drainer.await;
+    }
     if !drained {
         tracing::warn!(
             sent = shared.qos1_sent.load(Ordering::Relaxed),

@@ -166,6 +166,11 @@ impl Sink {
         kept
     }
 
+    /// Whether there is an outbox.
+    pub fn has_outbox(&self) -> bool {
+        self.outbox.is_some()
+    }
+
     /// Whether the outbox (if any) is empty.
     pub fn outbox_is_empty(&self) -> bool {
         self.outbox.as_ref().is_none_or(|o| lock(o).is_empty())

@@ -25,7 +25,28 @@ pub mod tcp_relay;
 
 use anyhow::{Context, bail};
 use protocol::edge::{InferenceResult, Status, decode_results};
+use protocol::payload::{encode_plain_json, encode_senml_cbor, encode_senml_json};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+/// Sample period of the test windows (12.8 kHz).
+pub const SAMPLE_PERIOD: f64 = 1.0 / 12_800.0;
+
+/// Window `i` of a run as a payload, in format `i % 3` (plain JSON, SenML JSON, SenML CBOR),
+/// stamped with a time that identifies it; returns the time stamp too.
+pub fn window_payload(i: usize, window: &[f32]) -> (f64, Vec<u8>) {
+    let ts = 1_800_000_000.0 + i as f64;
+    let bytes = match i % 3 {
+        0 => encode_plain_json(window, ts),
+        1 => encode_senml_json(window, ts, SAMPLE_PERIOD),
+        _ => encode_senml_cbor(window, ts, SAMPLE_PERIOD),
+    };
+    (ts, bytes)
+}
+
+/// The data topic of `sensor` at `gateway` of the test site.
+pub fn data_topic(gateway: &str, sensor: &str) -> String {
+    format!("spillway/test/{gateway}/{sensor}/data")
+}
 
 /// A free TCP port on loopback (bound, then released).
 pub fn free_port() -> anyhow::Result<u16> {
