@@ -23,6 +23,9 @@
 //! `result_linger_ms = 5`, so that the broker carries a message per K windows each way
 //! instead of one per window. The Python agent, which reads one window per message, is left
 //! out. `--windows-ae 0` or `--windows-cnn 0` leaves a model out.
+//!
+//! `--outbox` gives the agent an on-disk outbox (`mqtt.outbox_path` in a temporary folder).
+//! With the broker up the outbox stays empty; the run measures what checking it costs.
 
 #![allow(clippy::disallowed_methods)] // a benchmark reads the clock
 
@@ -83,6 +86,7 @@ fn main() -> anyhow::Result<()> {
     // only, so its columns are skipped).
     let cbor = args.iter().any(|a| a == "--cbor");
     let batch = arg("--batch", 1).max(1);
+    let outbox = args.iter().any(|a| a == "--outbox");
     let pinning = if args.iter().any(|a| a == "--pin") {
         let pinning = Pinning::new(workers)?;
         // Threads and child processes inherit the main thread's cores.
@@ -117,7 +121,11 @@ fn main() -> anyhow::Result<()> {
         eprintln!("{}: edge-agent end to end", model.name);
         let agent = runtime.block_on(end_to_end(
             &mosquitto,
-            Target::Agent { model, workers },
+            Target::Agent {
+                model,
+                workers,
+                outbox,
+            },
             windows,
             Wire { cbor, batch },
             pinning.as_ref(),
@@ -359,6 +367,8 @@ enum Target<'a> {
     Agent {
         model: zoo::ZooModel,
         workers: usize,
+        /// Whether the agent has an on-disk outbox.
+        outbox: bool,
     },
     Python {
         model: zoo::ZooModel,
@@ -392,7 +402,11 @@ async fn end_to_end(
         let broker = Broker::start(mosquitto)?;
         let gateway = format!("bench{run}");
         let (model, mut process) = match &target {
-            Target::Agent { model, workers } => {
+            Target::Agent {
+                model,
+                workers,
+                outbox,
+            } => {
                 let results = if wire.batch > 1 {
                     "result_batch = 64\nresult_linger_ms = 5\n"
                 } else {
@@ -404,10 +418,16 @@ async fn end_to_end(
                     broker.port(),
                     model.name
                 );
-                (
-                    *model,
-                    Process::Agent(Agent::start(&config, &[("RUST_LOG", "warn")])?),
-                )
+                let state = tempfile::tempdir()?;
+                let outbox_path = state.path().join("outbox");
+                let mut env = vec![("RUST_LOG", "warn")];
+                if *outbox {
+                    env.push((
+                        "SPILLWAY__MQTT__OUTBOX_PATH",
+                        outbox_path.to_str().context("temporary path is UTF-8")?,
+                    ));
+                }
+                (*model, Process::Agent(Agent::start(&config, &env)?, state))
             }
             Target::Python {
                 model,
@@ -520,14 +540,15 @@ async fn end_to_end(
 }
 
 enum Process {
-    Agent(Agent),
+    /// The agent, and the folder of its outbox (removed once it has stopped).
+    Agent(Agent, tempfile::TempDir),
     Python(Child),
 }
 
 impl Process {
     fn pid(&mut self) -> Option<u32> {
         match self {
-            Process::Agent(a) => a.pid(),
+            Process::Agent(a, _) => a.pid(),
             Process::Python(c) => Some(c.id()),
         }
     }
@@ -546,7 +567,7 @@ impl Process {
 
     fn stop(self) {
         match self {
-            Process::Agent(mut a) => {
+            Process::Agent(mut a, _state) => {
                 let _ = a.terminate(Duration::from_secs(10));
             }
             Process::Python(mut c) => {
