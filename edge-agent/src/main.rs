@@ -22,7 +22,7 @@ struct Args {
     /// Configuration file (TOML); `SPILLWAY__SECTION__KEY` variables override it.
     #[arg(short, long, default_value = "/etc/spillway/agent.toml")]
     config: PathBuf,
-    /// Validate the configuration (and load the models), then exit.
+    /// Validate the configuration (load the models, open the outbox), then exit.
     #[arg(long)]
     check_config: bool,
 }
@@ -49,6 +49,19 @@ fn main() -> anyhow::Result<()> {
             "{}: configuration and models are valid",
             args.config.display()
         );
+        // Opening it (creating it if needed) proves this user can write there.
+        if let Some(path) = &config.mqtt.outbox_path {
+            let (outbox, set_aside) =
+                edge_agent::outbox::Outbox::open(path, config.mqtt.outbox_max_bytes)?;
+            if let Some(why) = set_aside {
+                println!("outbox was unreadable: {why}");
+            }
+            println!(
+                "outbox {}: {} result messages waiting",
+                path.display(),
+                outbox.len()
+            );
+        }
         return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -159,6 +159,11 @@ fn the_package_installs_where_the_unit_expects_and_the_agent_checks_its_config()
         said.contains("configuration and models are valid"),
         "{said}"
     );
+    // The default config's outbox is the service user's to write.
+    assert!(
+        said.contains("outbox /var/lib/spillway/outbox: 0 result messages waiting"),
+        "{said}"
+    );
     let version = run(Command::new("/usr/bin/edge-agent").arg("--version"))?;
     let version = String::from_utf8(version.stdout)?;
     assert!(
