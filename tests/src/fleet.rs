@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+
+use crate::NetworkThread;
 use rand::Rng;
 
 use crate::{Publisher, workspace_binary};
@@ -201,44 +203,21 @@ pub struct Shaping {
 /// It runs on a thread of its own, so a busy test cannot hold up the "network".
 pub struct UdpRelay {
     addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
     shaping: Arc<Mutex<Shaping>>,
+    _thread: NetworkThread,
 }
 
 impl UdpRelay {
     /// Relays to `upstream` with `shaping`.
     pub async fn start(upstream: SocketAddr, shaping: Shaping) -> anyhow::Result<UdpRelay> {
         let shaping = Arc::new(Mutex::new(shaping));
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let s = Arc::clone(&shaping);
-        let thread = std::thread::Builder::new()
-            .name("udp-relay".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow::Error::from(e)));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    tokio::select! {
-                        _ = stop_rx => {}
-                        _ = relay(upstream, s, ready_tx) => {}
-                    }
-                });
-            })?;
-        let addr = ready_rx.await.context("the relay thread died")??;
+        let (thread, addr) =
+            NetworkThread::start("udp-relay", move |ready| relay(upstream, s, ready)).await?;
         Ok(UdpRelay {
             addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
             shaping,
+            _thread: thread,
         })
     }
 
@@ -358,17 +337,6 @@ where
             send(datagram).await;
         }
     })
-}
-
-impl Drop for UdpRelay {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// A cgroup with a CPU quota: the threads in it share `share` of one core.

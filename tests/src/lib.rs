@@ -48,6 +48,68 @@ pub fn data_topic(gateway: &str, sensor: &str) -> String {
     format!("spillway/test/{gateway}/{sensor}/data")
 }
 
+/// A relay's own thread, with a runtime of its own, so a busy test cannot hold up the
+/// "network". Dropping it stops the relay and joins the thread.
+pub(crate) struct NetworkThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NetworkThread {
+    /// Runs `relay` on a new thread named `name` until dropped; returns once the relay has
+    /// sent, on the channel it is given, the address it serves (or why it cannot).
+    pub(crate) async fn start<F, Fut>(
+        name: &str,
+        relay: F,
+    ) -> anyhow::Result<(NetworkThread, std::net::SocketAddr)>
+    where
+        F: FnOnce(tokio::sync::oneshot::Sender<anyhow::Result<std::net::SocketAddr>>) -> Fut
+            + Send
+            + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::Error::from(e)));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    tokio::select! {
+                        _ = stop_rx => {}
+                        () = relay(ready_tx) => {}
+                    }
+                });
+            })?;
+        let addr = ready_rx.await.context("the relay thread died")??;
+        let thread = NetworkThread {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        };
+        Ok((thread, addr))
+    }
+}
+
+impl Drop for NetworkThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// A free TCP port on loopback (bound, then released).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

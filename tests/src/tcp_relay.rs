@@ -11,11 +11,12 @@
 
 use std::net::SocketAddr;
 
-use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
+
+use crate::NetworkThread;
 
 /// The link as the relay's connections see it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,43 +33,20 @@ struct Link {
 pub struct TcpRelay {
     addr: SocketAddr,
     link: watch::Sender<Link>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _thread: NetworkThread,
 }
 
 impl TcpRelay {
     /// Relays connections on a free loopback port to `upstream`.
     pub async fn start(upstream: SocketAddr) -> anyhow::Result<TcpRelay> {
         let (link, _) = watch::channel(Link::default());
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let links = link.clone();
-        let thread = std::thread::Builder::new()
-            .name("tcp-relay".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow::Error::from(e)));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    tokio::select! {
-                        _ = stop_rx => {}
-                        _ = accept(upstream, links, ready_tx) => {}
-                    }
-                });
-            })?;
-        let addr = ready_rx.await.context("the relay thread died")??;
+        let (thread, addr) =
+            NetworkThread::start("tcp-relay", move |ready| accept(upstream, links, ready)).await?;
         Ok(TcpRelay {
             addr,
             link,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            _thread: thread,
         })
     }
 
@@ -184,17 +162,6 @@ async fn pump(
                     return;
                 }
             }
-        }
-    }
-}
-
-impl Drop for TcpRelay {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
         }
     }
 }
