@@ -433,8 +433,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             waiting_for_the_broker = connection.carried(),
             "drain timeout: not every result was acknowledged"
         );
+    }
+    if !drained && sink.has_outbox() {
         // What the client still holds goes to the outbox for the next start (the status
-        // is republished anyway).
+        // is republished anyway). Taking it drops the connection, so only with an outbox.
         let status_topic = topics.status();
         let unacknowledged = connection
             .take_unacknowledged()
