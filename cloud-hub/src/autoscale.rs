@@ -10,7 +10,7 @@
 //! `models::policy::Predictive`, the forecast only ever raises the count, and it holds off the
 //! scale to zero while any agent still expects to spill.
 
-use models::policy::{Kpa, Observation, Policy};
+use models::policy::{Kpa, Observation, Policy, RecentMax};
 use serde::Serialize;
 
 /// Bounds and timings of one model's scaling.
@@ -94,7 +94,7 @@ pub struct Scaler {
     /// Last time any demand (measured or forecast) was seen.
     last_demand: Option<f64>,
     /// Recent forecast-driven counts, for the scale-in stabilisation.
-    recent: std::collections::VecDeque<(f64, usize)>,
+    recent: RecentMax,
 }
 
 impl Scaler {
@@ -106,10 +106,10 @@ impl Scaler {
         kpa.panic_secs = (settings.stable_secs / 10.0).max(1.0);
         kpa.zero_grace_secs = settings.idle_secs;
         Scaler {
-            settings,
             kpa,
             last_demand: None,
-            recent: std::collections::VecDeque::new(),
+            recent: RecentMax::new(settings.stable_secs),
+            settings,
         }
     }
 
@@ -149,15 +149,7 @@ impl Scaler {
         // The forecast's count holds for the stable window (as Kubernetes' scale-down
         // stabilisation does): a forecast that dips for a tick must not stop replicas that
         // are still starting for it. The KPA has its own windows for the measured load.
-        self.recent.push_back((now, predictive));
-        while self
-            .recent
-            .front()
-            .is_some_and(|(t, _)| now - t >= s.stable_secs)
-        {
-            self.recent.pop_front();
-        }
-        let held = self.recent.iter().map(|(_, d)| *d).max().unwrap_or(0);
+        let held = self.recent.push(now, predictive);
         let mut desired = reactive.max(held);
         let idle_for = self.last_demand.map_or(f64::INFINITY, |t| now - t);
         let reason = if predictive > reactive {

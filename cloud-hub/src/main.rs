@@ -113,6 +113,10 @@ enum Command {
         /// waiting, within this many seconds (0: it does not size for the backlog).
         #[arg(long, default_value_t = models::policy::DEFAULT_DRAIN_SECS)]
         drain_secs: f64,
+        /// The predictive policy holds the replicas its forecast asks for this many seconds
+        /// (0: it follows the forecast down at once).
+        #[arg(long, default_value_t = models::policy::DEFAULT_HOLD_SECS)]
+        hold_secs: f64,
     },
     /// Score forecasters on the shared series at the replicas' warm-up horizon.
     ForecastEval {
@@ -462,12 +466,18 @@ fn main() -> anyhow::Result<()> {
             peak,
             season_rows,
             drain_secs,
+            hold_secs,
         } => {
-            anyhow::ensure!(
-                drain_secs.is_finite() && drain_secs >= 0.0,
-                "--drain-secs must be a number of seconds, at least 0"
-            );
-            let options = simulate::PolicyOptions { drain_secs };
+            for (flag, secs) in [("--drain-secs", drain_secs), ("--hold-secs", hold_secs)] {
+                anyhow::ensure!(
+                    secs.is_finite() && secs >= 0.0,
+                    "{flag} must be a number of seconds, at least 0"
+                );
+            }
+            let options = simulate::PolicyOptions {
+                drain_secs,
+                hold_secs,
+            };
             let kinds: Vec<PolicyKind> = if policies.is_empty() {
                 PolicyKind::ALL.to_vec()
             } else {

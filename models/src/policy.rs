@@ -10,6 +10,9 @@
 //! - [`Predictive`]: a reactive policy raised to what the forecast demand needs at the
 //!   replicas' warm-up horizon; it never scales in on a forecast alone.
 //! - [`QLearning`]: tabular Q-learning over discretised load, replicas and trend.
+//!
+//! [`RecentMax`], the largest count of a recent window, is the scale-in stabilisation they
+//! share with the hub's scaler.
 
 use std::collections::VecDeque;
 
@@ -54,6 +57,42 @@ pub trait Policy {
     fn name(&self) -> String;
     /// The desired replica count at `now` (seconds) given `obs`.
     fn decide(&mut self, now: f64, obs: &Observation) -> usize;
+}
+
+/// The largest value recorded in the last `window_secs` seconds: a scale-in stabilisation
+/// window. A value exactly `window_secs` old still counts, as in Kubernetes' HPA. Kept as a
+/// decreasing deque, so a tick costs amortised O(1) and only values that can still become the
+/// maximum are stored.
+#[derive(Debug, Clone)]
+pub struct RecentMax {
+    window_secs: f64,
+    samples: VecDeque<(f64, usize)>,
+}
+
+impl RecentMax {
+    /// A window of `window_secs` seconds (0: only the values recorded at the same instant).
+    pub fn new(window_secs: f64) -> Self {
+        RecentMax {
+            window_secs,
+            samples: VecDeque::new(),
+        }
+    }
+
+    /// Records `value` at `now` and returns the largest value of the window.
+    pub fn push(&mut self, now: f64, value: usize) -> usize {
+        while self.samples.back().is_some_and(|(_, v)| *v <= value) {
+            self.samples.pop_back();
+        }
+        self.samples.push_back((now, value));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now - t > self.window_secs)
+        {
+            self.samples.pop_front();
+        }
+        self.samples.front().map_or(value, |(_, v)| *v)
+    }
 }
 
 /// Scale out above `up` utilisation, in below `down`, nothing in between; at most one action
@@ -116,22 +155,20 @@ impl Policy for Threshold {
 /// Kubernetes HPA (pkg/controller/podautoscaler): every `sync_secs`, desired =
 /// ceil(current · metric / target) unless the ratio is within `tolerance` of 1; scale-up is
 /// limited per 15 s to the larger of +4 pods and +100 %; scale-down takes the highest
-/// recommendation of the last `stabilisation_secs`.
+/// recommendation of the last 300 s (its default stabilisation window).
 #[derive(Debug, Clone)]
 pub struct Hpa {
     /// Target utilisation.
     pub target: f64,
     /// Ratio tolerance.
     pub tolerance: f64,
-    /// Scale-down stabilisation window.
-    pub stabilisation_secs: f64,
     /// Controller period.
     pub sync_secs: f64,
     /// minReplicas (HPA cannot scale to zero).
     pub min: usize,
     /// maxReplicas.
     pub max: usize,
-    recommendations: VecDeque<(f64, usize)>,
+    recommendations: RecentMax,
     last_sync: Option<f64>,
     current: usize,
 }
@@ -142,11 +179,10 @@ impl Hpa {
         Hpa {
             target,
             tolerance: 0.1,
-            stabilisation_secs: 300.0,
             sync_secs: 15.0,
             min: min.max(1),
             max,
-            recommendations: VecDeque::new(),
+            recommendations: RecentMax::new(300.0),
             last_sync: None,
             current: min.max(1),
         }
@@ -183,22 +219,10 @@ impl Policy for Hpa {
         let recommendation = self
             .raw_desired(current, utilisation)
             .clamp(self.min, self.max);
-        self.recommendations.push_back((now, recommendation));
-        while self
-            .recommendations
-            .front()
-            .is_some_and(|(t, _)| now - t > self.stabilisation_secs)
-        {
-            self.recommendations.pop_front();
-        }
+        let stabilised = self.recommendations.push(now, recommendation);
         let desired = if recommendation < current {
             // Scale down only to the highest recommendation in the window.
-            self.recommendations
-                .iter()
-                .map(|(_, r)| *r)
-                .max()
-                .unwrap_or(recommendation)
-                .min(current)
+            stabilised.min(current)
         } else {
             // Scale-up policies: max(+4 pods, +100 %) per period.
             let limit = (current + 4).max(current * 2);
@@ -367,6 +391,8 @@ pub struct Predictive {
     /// Seconds within which a backlog is to be cleared (0: the backlog is not sized for).
     pub drain_secs: f64,
     last_forecast: f64,
+    /// The forecast's count over the last `hold_secs` (see [`Predictive::with_hold`]).
+    held: RecentMax,
     /// Replicas asked for the backlog, each with the time its hold ends.
     drain_held: VecDeque<(f64, f64)>,
 }
@@ -389,8 +415,16 @@ impl Predictive {
             smoothing: DEFAULT_SMOOTHING,
             drain_secs: DEFAULT_DRAIN_SECS,
             last_forecast: 0.0,
+            held: RecentMax::new(DEFAULT_HOLD_SECS),
             drain_held: VecDeque::new(),
         }
+    }
+
+    /// Holds the count the forecast asks for `hold_secs` seconds (0: not at all), so a forecast
+    /// that dips for a tick or two does not stop replicas that are still starting for it.
+    pub fn with_hold(mut self, hold_secs: f64) -> Self {
+        self.held = RecentMax::new(hold_secs);
+        self
     }
 
     /// The last forecast demand.
@@ -427,6 +461,9 @@ impl Predictive {
 /// Default `smoothing`: about Knative's panic window, the shortest span a reactive
 /// autoscaler sizes for.
 pub const DEFAULT_SMOOTHING: usize = 7;
+
+/// Default hold of the forecast's count: none.
+pub const DEFAULT_HOLD_SECS: f64 = 0.0;
 
 /// Default `drain_secs`: off. Clearing a backlog fast costs more replica-seconds than the
 /// design's budget of 1.1× KPA's allows on most workloads (see the README's sweep).
@@ -476,6 +513,7 @@ impl Policy for Predictive {
         } else {
             0
         };
+        let ahead = self.held.push(now, ahead);
         reactive.max(ahead).min(self.max)
     }
 }
@@ -965,5 +1003,65 @@ mod tests {
             d = p.decide(t as f64, &obs(7.0 * t as f64, 10, 10));
         }
         assert!(d > 20, "a rising load is met ahead of time: {d}");
+    }
+
+    #[test]
+    fn predictive_holds_the_forecasts_count_for_its_hold_time() {
+        // A forecast of 70/s on the first tick, then of nothing; the reactive part asks for none.
+        struct Blip(u32);
+        impl Forecaster for Blip {
+            fn name(&self) -> String {
+                "blip".into()
+            }
+            fn observe(&mut self, _t: f64, _y: f64) {
+                self.0 += 1;
+            }
+            fn forecast(&self, _h: usize) -> f64 {
+                if self.0 == 1 { 70.0 } else { 0.0 }
+            }
+        }
+        struct Nothing;
+        impl Policy for Nothing {
+            fn name(&self) -> String {
+                "nothing".into()
+            }
+            fn decide(&mut self, _now: f64, _obs: &Observation) -> usize {
+                0
+            }
+        }
+        let counts = |hold: f64| {
+            let mut p =
+                Predictive::new(Box::new(Nothing), Box::new(Blip(0)), 5, 1.0, 100).with_hold(hold);
+            p.smoothing = 1;
+            (0..8)
+                .map(|t| p.decide(f64::from(t), &obs(0.0, 0, 0)))
+                .collect::<Vec<_>>()
+        };
+        // 70/s at 10/s a replica and a target of 100 %: 7 replicas.
+        assert_eq!(counts(0.0), [7, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(counts(3.0), [7, 7, 7, 7, 0, 0, 0, 0]);
+    }
+
+    proptest::proptest! {
+        /// The deque gives what a scan of the window gives, whatever the values and gaps.
+        #[test]
+        fn recent_max_is_the_max_of_its_window(
+            window in 0u32..20,
+            steps in proptest::collection::vec((0u32..5, 0usize..50), 1..100),
+        ) {
+            let mut fast = RecentMax::new(f64::from(window));
+            let mut seen: Vec<(f64, usize)> = Vec::new();
+            let mut now = 0.0;
+            for (gap, value) in steps {
+                now += f64::from(gap);
+                seen.push((now, value));
+                let scan = seen
+                    .iter()
+                    .filter(|(t, _)| now - t <= f64::from(window))
+                    .map(|(_, v)| *v)
+                    .max();
+                proptest::prop_assert_eq!(Some(fast.push(now, value)), scan);
+            }
+        }
     }
 }
