@@ -189,8 +189,11 @@ impl PolicyKind {
 /// ticks), since bucket means take the arrival noise of the single ticks out: the online
 /// linear regression on the last two hours and on the same hour a day before the target, one
 /// model per hour ahead. It is `forecast-eval`'s regression without the lag of a week, which
-/// a 14-day replay cannot fill for its first week. Elsewhere: Holt-Winters where the season
-/// is known, Holt (level and trend) otherwise.
+/// a 14-day replay cannot fill for its first week. Elsewhere, where the season is known:
+/// Holt-Winters on the means of [`SECS_PER_ROW`] ticks (with `forecast-eval`'s smoothing
+/// constants), because a seasonal slot learnt per tick sees one Poisson draw a cycle and
+/// the policy then sizes for that noise; per tick if the season is no multiple of it.
+/// Otherwise Holt (level and trend) per tick.
 pub fn forecaster_for(scenario: &Scenario, horizon: usize) -> Box<dyn Forecaster + Send> {
     match scenario.period {
         Some(m) if scenario.bucket > 1 && m % scenario.bucket == 0 => {
@@ -204,6 +207,10 @@ pub fn forecaster_for(scenario: &Scenario, horizon: usize) -> Box<dyn Forecaster
             });
             Box::new(Bucketed::new(width, direct))
         }
+        Some(m) if m % SECS_PER_ROW == 0 && m > SECS_PER_ROW => Box::new(Bucketed::new(
+            SECS_PER_ROW,
+            HoltWinters::new(0.3, 0.01, 0.3, m / SECS_PER_ROW),
+        )),
         Some(m) => Box::new(HoltWinters::new(0.05, 0.001, 0.3, m)),
         None => Box::new(Holt::new(0.1, 0.01)),
     }
