@@ -375,6 +375,9 @@ pub struct BurstOutcome {
     pub counters: std::collections::BTreeMap<String, u64>,
     /// Replicas ready while there was no burst yet (steady load below capacity).
     pub ready_before: u64,
+    /// Whether the calibration load was itself past the gateway's spill point (a slow
+    /// machine): then `ready_before` may be a replica rightly started for it.
+    pub calibration_spilled: bool,
     /// Seconds from the start of the ramp to the first replica started (the hub's first
     /// scale-out).
     pub first_started: Option<f64>,
@@ -392,6 +395,10 @@ pub struct BurstOutcome {
 
 /// Seconds of the burst profile: calm, ramp, peak, calm.
 const CALM: f64 = 2.0;
+/// Windows per second the slow gateway's capacity is measured at.
+const CALIBRATION_RATE: f64 = 40.0;
+/// The agents' default `offload.rho_max`: the share of capacity past which they spill.
+const RHO_MAX: f64 = 0.85;
 const RAMP: f64 = 8.0;
 const PEAK: f64 = 8.0;
 
@@ -464,8 +471,18 @@ pub async fn burst(
         bail!("agents did not come online:\n{}", hub.log());
     }
     let burst = &gateways[0];
-    let (mu, warm) = burst.calibrate(40.0, secs(3.0)).await?;
+    let (mu, warm) = burst.calibrate(CALIBRATION_RATE, secs(3.0)).await?;
     let ready_before = models(&hub).0;
+    // On a machine slow enough that the calibration load is past the point where the agent
+    // spills (ρ_max·μ), a replica rightly starts for it; the burst then waits until it has
+    // gone, so that it starts from no replica, as on a faster machine.
+    let calibration_spilled = CALIBRATION_RATE >= RHO_MAX * mu;
+    if calibration_spilled {
+        let hub = Arc::clone(&hub);
+        tokio::task::spawn_blocking(move || hub.wait(secs(30.0), |h| models(h) == (0, 0)))
+            .await?
+            .with_context(|| format!("the calibration's replica did not go (μ {mu:.0}/s)"))?;
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
@@ -517,6 +534,7 @@ pub async fn burst(
         counters: burst.counters(),
         report,
         ready_before,
+        calibration_spilled,
         first_started,
         first_ready,
         peak,
