@@ -105,7 +105,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let (client, mut eventloop) = AsyncClient::new(options, config.mqtt.request_capacity);
     // Results and acknowledgements are small packets: without TCP_NODELAY, Nagle's algorithm
     // holds one back until the broker's delayed ACK (40 ms) after the previous one. The event
-    // loop already writes everything queued at once.
+    // loop writes the acknowledgements of all it read at once, but each publish with a write
+    // of its own (rumqttc 0.25 flushes after every request: about one `writev` per result
+    // under load); `mqtt.result_batch` is what puts several results in one write.
     let mut network = rumqttc::NetworkOptions::new();
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
