@@ -88,7 +88,7 @@ enum Command {
         /// Seeds per policy and workload.
         #[arg(long, default_value_t = 5)]
         seeds: u64,
-        /// Policies, comma-separated (HPA, KPA, threshold, Q-learning, predictive).
+        /// Policies, comma-separated (HPA, KPA, threshold, Q-learning, predictive, clairvoyant).
         #[arg(long, value_delimiter = ',')]
         policies: Vec<String>,
         /// Where the plots go (one SVG per workload).
