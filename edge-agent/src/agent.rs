@@ -84,11 +84,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     }
     let topics = Topics::new(&config.agent.site, &config.agent.gateway);
 
-    let mut options = MqttOptions::new(
-        config.client_id(),
-        config.mqtt.host.clone(),
-        config.mqtt.port,
-    );
+    let mut options = match &config.mqtt.unix_socket {
+        Some(path) => {
+            let mut options =
+                MqttOptions::new(config.client_id(), path.to_string_lossy().into_owned(), 0);
+            options.set_transport(rumqttc::Transport::Unix);
+            options
+        }
+        None => MqttOptions::new(
+            config.client_id(),
+            config.mqtt.host.clone(),
+            config.mqtt.port,
+        ),
+    };
     options
         .set_keep_alive(Duration::from_secs(config.mqtt.keep_alive_secs))
         .set_clean_session(!config.mqtt.persistent_session)
@@ -297,7 +305,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = backoff_min;
                 Counters::bump(&shared.counters.mqtt_connects);
-                tracing::info!(host = %config.mqtt.host, port = config.mqtt.port, "connected to the broker");
+                tracing::info!(broker = %config.mqtt.broker(), "connected to the broker");
                 // The request channel may be full of results after an outage; subscribing
                 // must not wait behind them in this task, which is the one that drains it.
                 let client = client.clone();

@@ -216,6 +216,11 @@ pub struct MqttSection {
     /// Broker port.
     #[serde(default = "default_port")]
     pub port: u16,
+    /// The broker's Unix socket (relative paths from the config file's folder), for a broker
+    /// on the gateway itself: the agent connects there instead of to `host` and `port`, and
+    /// each message skips the TCP stack.
+    #[serde(default)]
+    pub unix_socket: Option<PathBuf>,
     /// Client id; empty means `spillway-<site>-<gateway>`.
     #[serde(default)]
     pub client_id: String,
@@ -272,6 +277,7 @@ impl Default for MqttSection {
         MqttSection {
             host: default_host(),
             port: default_port(),
+            unix_socket: None,
             client_id: String::new(),
             username: None,
             password: None,
@@ -543,6 +549,16 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+impl MqttSection {
+    /// Where the broker is, for logs: `unix:PATH` or `HOST:PORT`.
+    pub fn broker(&self) -> String {
+        match &self.unix_socket {
+            Some(path) => format!("unix:{}", path.display()),
+            None => format!("{}:{}", self.host, self.port),
+        }
+    }
+}
+
 impl AgentConfig {
     /// Loads `path` (TOML) and applies `SPILLWAY__…` overrides from `env`.
     pub fn load(
@@ -561,6 +577,7 @@ impl AgentConfig {
                 &mut o.cert,
                 &mut o.key,
                 &mut config.mqtt.outbox_path,
+                &mut config.mqtt.unix_socket,
             ]);
             for path in paths {
                 if let Some(p) = path
@@ -956,6 +973,24 @@ mod tests {
             let key = bad.split(' ').next().unwrap_or_default();
             assert!(err.to_string().contains(key), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_unix_socket_replaces_host_and_port_and_is_found_from_the_config_folder()
+    -> anyhow::Result<()> {
+        let c = AgentConfig::from_toml_str(MINIMAL, no_env())?;
+        assert_eq!(c.mqtt.broker(), "127.0.0.1:1883");
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            format!("{MINIMAL}\n[mqtt]\nunix_socket = \"run/mqtt.sock\"\n"),
+        )?;
+        let c = AgentConfig::load(&path, no_env())?;
+        let socket = dir.path().join("run/mqtt.sock");
+        assert_eq!(c.mqtt.unix_socket.as_deref(), Some(socket.as_path()));
+        assert_eq!(c.mqtt.broker(), format!("unix:{}", socket.display()));
+        Ok(())
     }
 
     #[test]

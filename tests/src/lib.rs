@@ -206,25 +206,36 @@ impl Broker {
         self.port
     }
 
+    /// The Unix socket it also listens on (a broker the test started; the shared one has
+    /// none, and nothing will be found there).
+    pub fn unix_socket(&self) -> PathBuf {
+        self.dir.path().join("run").join("mqtt.sock")
+    }
+
     fn spawn(&mut self) -> anyhow::Result<()> {
-        // Started as root, mosquitto runs as the `mosquitto` user: its database folder must
-        // be open to it (and the temporary folder above it passable).
+        // Started as root, mosquitto runs as the `mosquitto` user, also when it binds its Unix
+        // socket: the socket's and the database's folders must be open to it (and the
+        // temporary folder above them passable).
         let db = self.dir.path().join("db");
-        if self.persistent && !db.exists() {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::create_dir(&db)?;
-            std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o777))?;
-            std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o711))?;
+        let run = self.dir.path().join("run");
+        for folder in [&run, &db] {
+            if (folder == &run || self.persistent) && !folder.exists() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::create_dir(folder)?;
+                std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o777))?;
+                std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o711))?;
+            }
         }
         let conf = self.dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence {}\n\
+                "listener {} 127.0.0.1\nlistener 0 {}\nallow_anonymous true\npersistence {}\n\
                  persistence_location {}/\n\
                  max_queued_messages 200000\nmax_inflight_messages 0\nmessage_size_limit 0\n\
                  log_dest stderr\nlog_type error\n",
                 self.port,
+                self.unix_socket().display(),
                 self.persistent,
                 db.display()
             ),

@@ -7,8 +7,8 @@ use anyhow::Context;
 
 use protocol::payload::{encode_plain_json, encode_senml_cbor};
 use spillway_tests::{
-    Agent, Broker, Listener, Publisher, SAMPLE_PERIOD, agent_config, data_topic, reference,
-    require_mosquitto, window_payload as payload,
+    Agent, Broker, Listener, Publisher, SAMPLE_PERIOD, agent_config, data_topic, free_port,
+    reference, require_mosquitto, window_payload as payload,
 };
 
 /// The two cores, as the tests of this file share them: a test that asserts latencies takes
@@ -569,6 +569,57 @@ async fn sigterm_drains_in_flight_work_and_leaves_an_offline_status() -> anyhow:
     );
     let log = agent.log();
     assert!(log.contains("drained=true"), "{log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_on_the_gateway_is_reached_over_its_unix_socket() -> anyhow::Result<()> {
+    let _cores = CORES.read().await;
+    let Some(mosquitto) = require_mosquitto() else {
+        return Ok(());
+    };
+    // A broker of this test's own: the shared one has no socket.
+    let broker = Broker::start(&mosquitto)?;
+    let gateway = "gw-unix";
+    // Nothing listens on the configured port: the results can only come through the socket.
+    let config = agent_config(free_port()?, gateway, "");
+    let socket = broker.unix_socket();
+    let env = [(
+        "SPILLWAY__MQTT__UNIX_SOCKET",
+        socket.to_str().context("temporary path is UTF-8")?,
+    )];
+    let (mut agent, listener, publisher) = online(broker.port(), gateway, &config, &env).await?;
+    let reference = reference("vibration-ae")?;
+    const WINDOWS: usize = 1_000;
+    let mut expected = HashMap::new();
+    for i in 0..WINDOWS {
+        let probe = i % reference.windows.len();
+        let (ts, bytes) = payload(i, &reference.windows[probe]);
+        expected.insert(ts as u64, reference.scores[probe]);
+        publisher
+            .publish(&data_topic(gateway, "bearing"), bytes)
+            .await?;
+    }
+    assert!(
+        listener
+            .wait_until(Duration::from_secs(30), |c| c.results.len() >= WINDOWS)
+            .await,
+        "{} of {WINDOWS} windows answered; log:\n{}",
+        listener.result_count(),
+        agent.log()
+    );
+    listener.with(|c| {
+        for r in &c.results {
+            let want = expected[&(r.ts as u64)];
+            assert!((r.score - want).abs() <= 1e-4, "{} vs {want}", r.score);
+        }
+    });
+    assert!(agent.terminate(Duration::from_secs(10))?);
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("broker=unix:{}", socket.display())),
+        "the agent says where it connected: {log}"
+    );
     Ok(())
 }
 

@@ -26,6 +26,9 @@
 //!
 //! `--outbox` gives the agent an on-disk outbox (`mqtt.outbox_path` in a temporary folder).
 //! With the broker up the outbox stays empty; the run measures what checking it costs.
+//!
+//! `--unix` connects the agent to mosquitto's Unix socket instead of its loopback TCP port
+//! (`mqtt.unix_socket`); the load generator and the collector stay on TCP.
 
 #![allow(clippy::disallowed_methods)] // a benchmark reads the clock
 
@@ -87,6 +90,7 @@ fn main() -> anyhow::Result<()> {
     let cbor = args.iter().any(|a| a == "--cbor");
     let batch = arg("--batch", 1).max(1);
     let outbox = args.iter().any(|a| a == "--outbox");
+    let unix = args.iter().any(|a| a == "--unix");
     let pinning = if args.iter().any(|a| a == "--pin") {
         let pinning = Pinning::new(workers)?;
         // Threads and child processes inherit the main thread's cores.
@@ -125,6 +129,7 @@ fn main() -> anyhow::Result<()> {
                 model,
                 workers,
                 outbox,
+                unix,
             },
             windows,
             Wire { cbor, batch },
@@ -369,6 +374,8 @@ enum Target<'a> {
         workers: usize,
         /// Whether the agent has an on-disk outbox.
         outbox: bool,
+        /// Whether the agent reaches the broker over its Unix socket.
+        unix: bool,
     },
     Python {
         model: zoo::ZooModel,
@@ -406,6 +413,7 @@ async fn end_to_end(
                 model,
                 workers,
                 outbox,
+                unix,
             } => {
                 let results = if wire.batch > 1 {
                     "result_batch = 64\nresult_linger_ms = 5\n"
@@ -425,6 +433,13 @@ async fn end_to_end(
                     env.push((
                         "SPILLWAY__MQTT__OUTBOX_PATH",
                         outbox_path.to_str().context("temporary path is UTF-8")?,
+                    ));
+                }
+                let socket = broker.unix_socket();
+                if *unix {
+                    env.push((
+                        "SPILLWAY__MQTT__UNIX_SOCKET",
+                        socket.to_str().context("temporary path is UTF-8")?,
                     ));
                 }
                 (*model, Process::Agent(Agent::start(&config, &env)?, state))
