@@ -545,6 +545,17 @@ impl Listener {
         self.with(|c| pred(c))
     }
 
+    /// Waits (up to 20 s) for the agent's first status: the agent is connected and
+    /// subscribed.
+    pub async fn wait_for_status(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.wait_until(Duration::from_secs(20), |c| c.status.is_some())
+                .await,
+            "the agent did not come online"
+        );
+        Ok(())
+    }
+
     /// Waits for the status a clean stop leaves (`state: "offline"`, final counters).
     pub async fn final_status(&self, limit: Duration) -> Option<Status> {
         let arrived = self

@@ -54,9 +54,7 @@ async fn stream_through_a_broker_restart(
     )?;
     let reference = std::sync::Arc::new(reference("vibration-ae")?);
     let listener = Listener::start_persistent(broker.port(), "test", gateway).await?;
-    listener
-        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
-        .await;
+    listener.wait_for_status().await?;
     let publisher = std::sync::Arc::new(Publisher::connect_persistent(broker.port()).await?);
     let published = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     // Publishes window `i` (the reference's `window`) for `sensor` and records it.
@@ -264,9 +262,7 @@ async fn a_link_that_goes_dark_and_drops_loses_no_result() -> anyhow::Result<()>
         &[],
     )?;
     let listener = Listener::start(broker.port(), "test", gateway).await?;
-    listener
-        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
-        .await;
+    listener.wait_for_status().await?;
     // Once the first results of a burst are out, the link goes dark for half a second while
     // the agent works through the rest (its results and the broker's acknowledgements are
     // held), then drops, and the agent connects again.
@@ -357,9 +353,7 @@ async fn results_wait_in_the_outbox_through_an_outage_and_a_restart() -> anyhow:
     ];
     let mut first = Agent::start(&config, &env)?;
     let listener = Listener::start(broker.port(), "test", gateway).await?;
-    listener
-        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
-        .await;
+    listener.wait_for_status().await?;
     // Once the first results of a burst are out, the broker goes out of the agent's reach,
     // and the agent is stopped before it comes back.
     let _publisher = burst_until_first_results(broker.port(), &listener, &first, gateway).await?;

@@ -27,12 +27,10 @@ async fn online(
 ) -> anyhow::Result<(Agent, Listener, Publisher)> {
     let agent = Agent::start(config, env)?;
     let listener = Listener::start(port, "test", gateway).await?;
-    anyhow::ensure!(
-        listener
-            .wait_until(Duration::from_secs(20), |c| c.status.is_some())
-            .await,
-        "the agent of {gateway} did not come online"
-    );
+    listener
+        .wait_for_status()
+        .await
+        .with_context(|| format!("gateway {gateway}"))?;
     let publisher = Publisher::connect(port).await?;
     Ok((agent, listener, publisher))
 }
@@ -209,9 +207,7 @@ async fn a_third_party_client_is_served() -> anyhow::Result<()> {
     let gateway = "gw-interop";
     let _agent = Agent::start(&agent_config(broker.port(), gateway, ""), &[])?;
     let listener = Listener::start(broker.port(), "test", gateway).await?;
-    listener
-        .wait_until(Duration::from_secs(20), |c| c.status.is_some())
-        .await;
+    listener.wait_for_status().await?;
     let reference = reference("vibration-ae")?;
     // One JSON payload per line, as `mosquitto_pub -l` reads them.
     let lines: String = (0..30)
