@@ -29,6 +29,15 @@
 //!
 //! `--unix` connects the agent to mosquitto's Unix socket instead of its loopback TCP port
 //! (`mqtt.unix_socket`); the load generator and the collector stay on TCP.
+//!
+//! Beside the agent, each model's workload also runs through an MQTT echo: this binary again
+//! (`bench-edge echo PORT GATEWAY RESULTS`), an rumqttc client set up as the agent's (QoS 1
+//! both ways, `TCP_NODELAY`, a request channel of 1,024, a two-thread runtime) that answers
+//! each data message with a result encoded once at start, decoding nothing and running
+//! nothing. With the raw loop it bounds what any agent on this client, broker and machine
+//! could serve: inference at the raw loop's cost plus the echo's transport, which add up where
+//! they share the cores and do not where `--pin` separates them. `agent ÷ ceiling` is the
+//! share of that bound the agent reaches.
 
 #![allow(clippy::disallowed_methods)] // a benchmark reads the clock
 
@@ -38,7 +47,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use models::{LoadedModel, zoo};
+use protocol::edge::{InferenceResult, Route, encode_result_batch};
 use protocol::payload::{encode_plain_cbor, encode_plain_json};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use spillway_tests::load::median;
 use spillway_tests::{Agent, Broker, Listener, Publisher, mosquitto_path, reference};
 
@@ -64,6 +75,8 @@ struct Row {
     /// The raw loop running [`RAW_BATCH`] windows a call.
     raw_batched: Run,
     agent: Run,
+    /// The MQTT echo: the same workload answered without decoding or inference.
+    echo: Run,
     python: Option<Run>,
 }
 
@@ -77,6 +90,12 @@ struct Run {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("echo") {
+        let [port, gateway, results] = args.get(2..5).context("echo PORT GATEWAY RESULTS")? else {
+            bail!("echo PORT GATEWAY RESULTS");
+        };
+        return echo(port.parse()?, gateway, results.parse()?);
+    }
     let arg = |name: &str, default: usize| -> usize {
         args.iter()
             .position(|a| a == name)
@@ -135,6 +154,14 @@ fn main() -> anyhow::Result<()> {
             Wire { cbor, batch },
             pinning.as_ref(),
         ))?;
+        eprintln!("{}: MQTT echo end to end", model.name);
+        let echo = runtime.block_on(end_to_end(
+            &mosquitto,
+            Target::Echo { model },
+            windows,
+            Wire { cbor, batch },
+            pinning.as_ref(),
+        ))?;
         let python_row = if python {
             eprintln!("{}: python agent end to end", model.name);
             Some(runtime.block_on(end_to_end(
@@ -159,6 +186,7 @@ fn main() -> anyhow::Result<()> {
             raw,
             raw_batched,
             agent,
+            echo,
             python: python_row,
         });
     }
@@ -204,6 +232,40 @@ fn main() -> anyhow::Result<()> {
             r.raw_batched.rate,
             r.agent.rate / r.raw_batched.rate,
             r.agent.rss_mb
+        );
+    }
+
+    // The most any agent could serve: inference at the raw loop's cost and the echo's
+    // transport, on separate cores when pinned, else sharing them (their costs per window add).
+    let ceiling = |r: &Row| match pinning {
+        Some(_) => r.raw.rate.min(r.echo.rate),
+        None => 1.0 / (1.0 / r.raw.rate + 1.0 / r.echo.rate),
+    };
+    let ceiling_rule = if pinning.is_some() {
+        "the lower of the two (separate cores)"
+    } else {
+        "1 / (1/raw + 1/echo) (shared cores)"
+    };
+    println!(
+        "\n### The agent against an MQTT echo (the same workload, answered without decoding or inference)\n"
+    );
+    println!(
+        "| model | raw tract loop, windows/s | MQTT echo, windows/s | ceiling: {ceiling_rule} | ceiling ÷ raw | edge-agent, windows/s | agent ÷ echo | agent ÷ ceiling | CPU per window: echo / agent (µs) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for r in &rows {
+        let ceiling = ceiling(r);
+        println!(
+            "| {} | {:.0} | {:.0} | {ceiling:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} / {:.0} |",
+            r.model,
+            r.raw.rate,
+            r.echo.rate,
+            ceiling / r.raw.rate,
+            r.agent.rate,
+            r.agent.rate / r.echo.rate,
+            r.agent.rate / ceiling,
+            r.echo.cpu_us,
+            r.agent.cpu_us
         );
     }
 
@@ -382,6 +444,19 @@ enum Target<'a> {
         workers: usize,
         repo: &'a Path,
     },
+    /// This binary's `echo` mode, with the model's windows.
+    Echo { model: zoo::ZooModel },
+}
+
+impl Target<'_> {
+    /// The model whose windows the run publishes.
+    fn model(&self) -> zoo::ZooModel {
+        match self {
+            Target::Agent { model, .. } | Target::Python { model, .. } | Target::Echo { model } => {
+                *model
+            }
+        }
+    }
 }
 
 /// How windows travel to the agent and results back.
@@ -408,7 +483,12 @@ async fn end_to_end(
     for run in 0..3 {
         let broker = Broker::start(mosquitto)?;
         let gateway = format!("bench{run}");
-        let (model, mut process) = match &target {
+        let model = target.model();
+        let reference = reference(model.name)?;
+        // Back-to-back windows of the reference set, `per_payload` to a message.
+        let window_len = reference.windows[0].len();
+        let per_payload = wire.batch.min(MAX_SAMPLES / window_len).max(1);
+        let mut process = match &target {
             Target::Agent {
                 model,
                 workers,
@@ -442,7 +522,7 @@ async fn end_to_end(
                         socket.to_str().context("temporary path is UTF-8")?,
                     ));
                 }
-                (*model, Process::Agent(Agent::start(&config, &env)?, state))
+                Process::Agent(Agent::start(&config, &env)?, state)
             }
             Target::Python {
                 model,
@@ -468,8 +548,18 @@ async fn end_to_end(
                     .args(["--site", "bench", "--gateway", &gateway])
                     .stdout(Stdio::null())
                     .spawn()?;
-                (*model, Process::Python(child))
+                Process::Python(child)
             }
+            Target::Echo { .. } => Process::Echo(
+                Command::new(std::env::current_exe()?)
+                    .args([
+                        "echo",
+                        &broker.port().to_string(),
+                        &gateway,
+                        &per_payload.to_string(),
+                    ])
+                    .spawn()?,
+            ),
         };
         let listener = Listener::start(broker.port(), "bench", &gateway).await?;
         if !listener
@@ -478,7 +568,7 @@ async fn end_to_end(
         {
             bail!("the agent under test did not come online");
         }
-        if let Some(pinning) = pinning {
+        if let (Some(pinning), Target::Agent { .. }) = (pinning, &target) {
             let pid = process.pid().context("the agent under test exited")?;
             anyhow::ensure!(
                 pinning.pin_agent(pid)? > 0,
@@ -486,10 +576,6 @@ async fn end_to_end(
             );
         }
         let publisher = Publisher::connect(broker.port()).await?;
-        let reference = reference(model.name)?;
-        // Back-to-back windows of the reference set, `per_payload` to a message.
-        let window_len = reference.windows[0].len();
-        let per_payload = wire.batch.min(MAX_SAMPLES / window_len).max(1);
         let messages = windows.div_ceil(per_payload);
         let payloads: Vec<Vec<u8>> = (0..reference.windows.len())
             .map(|i| {
@@ -558,13 +644,14 @@ enum Process {
     /// The agent, and the folder of its outbox (removed once it has stopped).
     Agent(Agent, tempfile::TempDir),
     Python(Child),
+    Echo(Child),
 }
 
 impl Process {
     fn pid(&mut self) -> Option<u32> {
         match self {
             Process::Agent(a, _) => a.pid(),
-            Process::Python(c) => Some(c.id()),
+            Process::Python(c) | Process::Echo(c) => Some(c.id()),
         }
     }
 
@@ -585,12 +672,85 @@ impl Process {
             Process::Agent(mut a, _state) => {
                 let _ = a.terminate(Duration::from_secs(10));
             }
-            Process::Python(mut c) => {
+            Process::Python(mut c) | Process::Echo(mut c) => {
                 let _ = c.kill();
                 let _ = c.wait();
             }
         }
     }
+}
+
+/// `bench-edge echo PORT GATEWAY RESULTS`: answers every message on the gateway's data
+/// topics with one message of `RESULTS` results on its inference topic, encoded once, over a
+/// client set up as the agent's; runs until killed.
+fn echo(port: u16, gateway: &str, results: usize) -> anyhow::Result<()> {
+    let prefix = format!("spillway/bench/{gateway}");
+    let one = serde_json::to_vec(&InferenceResult {
+        id: 1,
+        sensor: "s00".into(),
+        model: "m".into(),
+        version: 1,
+        route: Route::Local,
+        ts: 0.0,
+        latency_us: 100,
+        score: 0.001,
+        anomaly: false,
+        outputs: [("score".to_string(), vec![0.001])].into(),
+    })?;
+    let payload = if results > 1 {
+        encode_result_batch(std::iter::repeat_n(one.as_slice(), results))
+    } else {
+        one
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let mut options = MqttOptions::new(format!("echo-{gateway}"), "127.0.0.1", port);
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 1024);
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
+        // The agent hands results from its workers to a task that publishes them; so does
+        // the echo, from its event loop. The benchmark keeps at most half a queue of windows
+        // unanswered, so this channel never fills.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(QUEUE_CAPACITY);
+        let publisher = client.clone();
+        tokio::spawn(async move {
+            while let Some(topic) = rx.recv().await {
+                if publisher
+                    .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        loop {
+            match eventloop.poll().await? {
+                Event::Incoming(Packet::ConnAck(_)) => {
+                    client
+                        .subscribe(format!("{prefix}/+/data"), QoS::AtLeastOnce)
+                        .await?;
+                    client
+                        .publish(format!("{prefix}/status"), QoS::AtLeastOnce, true, "online")
+                        .await?;
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let Some(sensor) = p.topic.strip_suffix("/data") else {
+                        continue;
+                    };
+                    tx.send(format!("{sensor}/inference")).await?;
+                }
+                _ => {}
+            }
+        }
+    })
 }
 
 fn tract_latency(model: zoo::ZooModel, runs: usize) -> anyhow::Result<(f64, f64)> {
