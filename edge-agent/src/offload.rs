@@ -201,6 +201,8 @@ struct Inner {
     topics: Topics,
     results: tokio::sync::mpsc::Sender<Vec<Outgoing>>,
     local: LocalQueue,
+    /// Fallbacks waiting for room in `local`.
+    fallbacks: FallbackLine,
     counters: Arc<Counters>,
     in_flight: AtomicUsize,
     max_in_flight: usize,
@@ -389,6 +391,7 @@ impl Offload {
             topics,
             results,
             local,
+            fallbacks: FallbackLine::default(),
             counters,
             in_flight: AtomicUsize::new(0),
             max_in_flight: config.max_in_flight,
@@ -710,19 +713,51 @@ async fn request(inner: &Inner, slot: &Slot, job: Job, deadline: Instant, reserv
 ///
 /// A fallback is never shed: the number waiting here is bounded by `max_in_flight`, and a
 /// late answer is better than none. One that has to wait past its deadline is counted.
-async fn fall_back(inner: &Inner, mut job: Job, deadline: Instant) {
+async fn fall_back(inner: &Inner, job: Job, deadline: Instant) {
     Counters::bump(&inner.counters.remote_fallbacks);
-    let mut late = false;
-    loop {
-        match inner.local.try_submit(job) {
-            Ok(()) => return,
-            Err(back) => job = back,
+    let late = inner
+        .fallbacks
+        .enter(job, deadline, |job| inner.local.try_submit(job))
+        .await;
+    if late {
+        Counters::bump(&inner.counters.remote_fallbacks_late);
+    }
+}
+
+/// How often the fallback at the head of the line retries a full local queue.
+const FALLBACK_RETRY: Duration = Duration::from_millis(1);
+
+/// Fallbacks waiting for room in the local queue, first come, first served.
+///
+/// Only the one at the head retries; the others wait on the line's lock (tokio's mutex
+/// queues its waiters fairly) without waking. When the cloud fails while the local queue is
+/// full, as happens when the agent spills because it is saturated, that is one timer instead
+/// of one per request out (up to `max_in_flight`, 256 by default, each a thousand times a
+/// second), and the windows reach the queue in the order they came back.
+#[derive(Debug, Default)]
+struct FallbackLine(tokio::sync::Mutex<()>);
+
+impl FallbackLine {
+    /// Hands `item` to `try_push` once every earlier one has gone in, retrying while it
+    /// refuses; returns whether it had to wait and went in after `deadline`.
+    async fn enter<T>(
+        &self,
+        mut item: T,
+        deadline: Instant,
+        mut try_push: impl FnMut(T) -> Result<(), T>,
+    ) -> bool {
+        let (_turn, mut waited) = match self.0.try_lock() {
+            Ok(turn) => (turn, false),
+            Err(_) => (self.0.lock().await, true),
+        };
+        loop {
+            match try_push(item) {
+                Ok(()) => return waited && Instant::now() >= deadline,
+                Err(back) => item = back,
+            }
+            waited = true;
+            tokio::time::sleep(FALLBACK_RETRY).await;
         }
-        if !late && Instant::now() >= deadline {
-            late = true;
-            Counters::bump(&inner.counters.remote_fallbacks_late);
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -743,5 +778,73 @@ mod tests {
         assert!(is_stalled(true, 2 * 330 * MS + ACK_ALLOWANCE, 330 * MS));
         // A replica that sent anything is slow, not stalled, however long the wait.
         assert!(!is_stalled(false, Duration::from_secs(5), MS));
+    }
+
+    #[test]
+    fn fallbacks_wait_in_line_and_only_the_head_retries() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let line = Arc::new(FallbackLine::default());
+            // The local queue: full until `room` is set, then takes everything, in order.
+            let room = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let queued = Arc::new(Mutex::new(Vec::new()));
+            let refusals = Arc::new(AtomicUsize::new(0));
+            let future = Instant::now() + Duration::from_secs(3600);
+            let mut waiting = Vec::new();
+            for i in 0..100 {
+                let (line, room, queued, refusals) = (
+                    Arc::clone(&line),
+                    Arc::clone(&room),
+                    Arc::clone(&queued),
+                    Arc::clone(&refusals),
+                );
+                waiting.push(tokio::spawn(async move {
+                    line.enter(i, future, |i| {
+                        if room.load(Ordering::Relaxed) {
+                            queued.lock().expect("lock").push(i);
+                            Ok(())
+                        } else {
+                            refusals.fetch_add(1, Ordering::Relaxed);
+                            Err(i)
+                        }
+                    })
+                    .await
+                }));
+                // Each arrives while the earlier ones wait.
+                tokio::task::yield_now().await;
+            }
+            // The head retries about once a millisecond; 100 waiters each retrying would
+            // refuse about a hundred times as often.
+            while refusals.load(Ordering::Relaxed) < 20 {
+                tokio::time::sleep(MS).await;
+            }
+            room.store(true, Ordering::Relaxed);
+            let mut late = 0;
+            for w in waiting {
+                late += usize::from(w.await.expect("fallback task"));
+            }
+            let refused = refusals.load(Ordering::Relaxed);
+            assert!(
+                refused < 40,
+                "{refused} refusals: more than the head retried"
+            );
+            assert_eq!(*queued.lock().expect("lock"), (0..100).collect::<Vec<_>>());
+            assert_eq!(late, 0, "no deadline had passed");
+            // Past its deadline, one that waited is late and one that did not is not.
+            let past = Instant::now();
+            assert!(!line.enter(0, past, |_| Ok(())).await);
+            let mut first = true;
+            let mut refuse_once = |i| {
+                if std::mem::take(&mut first) {
+                    Err(i)
+                } else {
+                    Ok(())
+                }
+            };
+            assert!(line.enter(0, past, &mut refuse_once).await);
+        });
     }
 }
