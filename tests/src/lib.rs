@@ -206,6 +206,11 @@ impl Broker {
         self.port
     }
 
+    /// The broker's process id, when this started it and it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The Unix socket it also listens on (a broker the test started; the shared one has
     /// none, and nothing will be found there).
     pub fn unix_socket(&self) -> PathBuf {

@@ -86,6 +86,10 @@ struct Run {
     rate: f64,
     cpu_us: f64,
     rss_mb: f64,
+    /// End to end: mosquitto's CPU per window (µs).
+    broker_cpu_us: f64,
+    /// End to end: the load generator's and the collector's (this process) CPU per window.
+    driver_cpu_us: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -250,13 +254,13 @@ fn main() -> anyhow::Result<()> {
         "\n### The agent against an MQTT echo (the same workload, answered without decoding or inference)\n"
     );
     println!(
-        "| model | raw tract loop, windows/s | MQTT echo, windows/s | ceiling: {ceiling_rule} | ceiling ÷ raw | edge-agent, windows/s | agent ÷ echo | agent ÷ ceiling | CPU per window: echo / agent (µs) |"
+        "| model | raw tract loop, windows/s | MQTT echo, windows/s | ceiling: {ceiling_rule} | ceiling ÷ raw | edge-agent, windows/s | agent ÷ echo | agent ÷ ceiling | CPU per window: echo / agent (µs) | the echo's mosquitto / load generator and collector (µs) |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
         let ceiling = ceiling(r);
         println!(
-            "| {} | {:.0} | {:.0} | {ceiling:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} / {:.0} |",
+            "| {} | {:.0} | {:.0} | {ceiling:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} |",
             r.model,
             r.raw.rate,
             r.echo.rate,
@@ -265,7 +269,9 @@ fn main() -> anyhow::Result<()> {
             r.agent.rate / r.echo.rate,
             r.agent.rate / ceiling,
             r.echo.cpu_us,
-            r.agent.cpu_us
+            r.agent.cpu_us,
+            r.echo.broker_cpu_us,
+            r.echo.driver_cpu_us
         );
     }
 
@@ -415,6 +421,8 @@ fn raw_tract(
         rate: median(&mut rates),
         cpu_us: median(&mut cpu),
         rss_mb: 0.0,
+        broker_cpu_us: 0.0,
+        driver_cpu_us: 0.0,
     })
 }
 
@@ -480,6 +488,8 @@ async fn end_to_end(
     let mut rates = Vec::new();
     let mut rss = Vec::new();
     let mut cpu = Vec::new();
+    let mut broker_cpu = Vec::new();
+    let mut driver_cpu = Vec::new();
     for run in 0..3 {
         let broker = Broker::start(mosquitto)?;
         let gateway = format!("bench{run}");
@@ -595,7 +605,10 @@ async fn end_to_end(
             .collect();
         let windows = messages * per_payload;
         let pid = process.pid().context("the agent under test exited")?;
+        let broker_pid = broker.pid().context("the benchmark's broker exited")?;
         let cpu_start = cpu_secs(pid);
+        let broker_start = cpu_secs(broker_pid);
+        let driver_start = cpu_secs(std::process::id());
         let start = Instant::now();
         for i in 0..messages {
             // Closed loop: never more windows on their way than half the agent's queue, so
@@ -629,7 +642,10 @@ async fn end_to_end(
             );
         }
         rates.push(windows as f64 / elapsed);
-        cpu.push((cpu_secs(pid) - cpu_start) * 1e6 / windows as f64);
+        let per_window = |secs: f64| secs * 1e6 / windows as f64;
+        cpu.push(per_window(cpu_secs(pid) - cpu_start));
+        broker_cpu.push(per_window(cpu_secs(broker_pid) - broker_start));
+        driver_cpu.push(per_window(cpu_secs(std::process::id()) - driver_start));
         rss.push(process.peak_rss_mb());
         process.stop();
     }
@@ -637,6 +653,8 @@ async fn end_to_end(
         rate: median(&mut rates),
         cpu_us: median(&mut cpu),
         rss_mb: median(&mut rss),
+        broker_cpu_us: median(&mut broker_cpu),
+        driver_cpu_us: median(&mut driver_cpu),
     })
 }
 
