@@ -89,10 +89,10 @@ impl PayloadError {
 }
 
 // SenML CBOR labels (RFC 8428, section 6).
-const BASE_TIME: i128 = -3;
-const BASE_VALUE: i128 = -5;
-const VALUE: i128 = 2;
-const TIME: i128 = 6;
+const BASE_TIME: i64 = -3;
+const BASE_VALUE: i64 = -5;
+const VALUE: i64 = 2;
+const TIME: i64 = 6;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,21 +142,9 @@ pub fn decode_samples(bytes: &[u8], limits: &Limits) -> Result<Samples, PayloadE
             (plain.values, plain.ts)
         }
         Format::SenmlCbor => {
-            let value: Value =
+            let records: Vec<CborRecord> =
                 serde_cbor::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
-            let Value::Array(records) = value else {
-                return Err(malformed(
-                    "expected an array of SenML records or a map".into(),
-                ));
-            };
-            senml_values(
-                records
-                    .iter()
-                    .map(cbor_record)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(&malformed)?,
-            )
-            .map_err(malformed)?
+            senml_values(records.into_iter().map(|r| r.0)).map_err(malformed)?
         }
     };
     if raw.is_empty() || raw.len() > limits.max_samples {
@@ -188,29 +176,51 @@ fn sniff(bytes: &[u8]) -> Format {
 
 type Record = (Option<f64>, Option<f64>, Option<f64>, Option<f64>);
 
-fn cbor_record(value: &Value) -> Result<Record, String> {
-    let Value::Map(map) = value else {
-        return Err("a SenML record must be a map".into());
-    };
-    let mut record: Record = (None, None, None, None);
-    for (key, v) in map {
-        let Value::Integer(label) = key else {
-            return Err("SenML CBOR labels must be integers".into());
-        };
-        let slot = match *label {
-            BASE_TIME => &mut record.0,
-            BASE_VALUE => &mut record.1,
-            TIME => &mut record.2,
-            VALUE => &mut record.3,
-            _ => continue,
-        };
-        *slot = Some(match v {
-            Value::Float(f) => *f,
-            Value::Integer(i) => *i as f64,
-            _ => return Err(format!("SenML label {label} must be a number")),
-        });
+/// One SenML CBOR record, read straight from the bytes (no tree of values in between): the
+/// labels this agent uses are kept, every other label is skipped unread, and a label that is
+/// not an integer or a kept label whose value is not a number is an error.
+struct CborRecord(Record);
+
+impl<'de> Deserialize<'de> for CborRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RecordVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for RecordVisitor {
+            type Value = CborRecord;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SenML record: a map with integer labels")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<CborRecord, A::Error> {
+                let mut record: Record = (None, None, None, None);
+                while let Some(label) = map.next_key::<i64>()? {
+                    let slot = match label {
+                        BASE_TIME => &mut record.0,
+                        BASE_VALUE => &mut record.1,
+                        TIME => &mut record.2,
+                        VALUE => &mut record.3,
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    let value = map.next_value::<f64>().map_err(|e| {
+                        serde::de::Error::custom(format!(
+                            "SenML label {label} must be a number: {e}"
+                        ))
+                    })?;
+                    *slot = Some(value);
+                }
+                Ok(CborRecord(record))
+            }
+        }
+
+        deserializer.deserialize_map(RecordVisitor)
     }
-    Ok(record)
 }
 
 /// Resolves SenML base fields: value = bv + v, time = bt + t (RFC 8428, section 4.6).
@@ -246,11 +256,11 @@ pub fn encode_senml_cbor(values: &[f32], ts: f64, period_secs: f64) -> Vec<u8> {
         .map(|(i, v)| {
             let mut map = std::collections::BTreeMap::new();
             if i == 0 {
-                map.insert(Value::Integer(BASE_TIME), Value::Float(ts));
+                map.insert(Value::Integer(BASE_TIME.into()), Value::Float(ts));
             }
             let offset = (i as f64 + 1.0 - values.len() as f64) * period_secs;
-            map.insert(Value::Integer(TIME), Value::Float(offset));
-            map.insert(Value::Integer(VALUE), Value::Float(f64::from(*v)));
+            map.insert(Value::Integer(TIME.into()), Value::Float(offset));
+            map.insert(Value::Integer(VALUE.into()), Value::Float(f64::from(*v)));
             Value::Map(map)
         })
         .collect();
@@ -321,6 +331,52 @@ mod tests {
         let samples = decode_samples(bytes, &LIMITS).expect("decodes");
         assert_eq!(samples.values, vec![11.0, 12.0]);
         assert_eq!(samples.ts, Some(100.0));
+    }
+
+    /// A SenML CBOR payload of the given records, each a list of (label, value).
+    fn senml_cbor(records: &[&[(Value, Value)]]) -> Vec<u8> {
+        let records = records
+            .iter()
+            .map(|r| Value::Map(r.iter().cloned().collect()))
+            .collect();
+        serde_cbor::to_vec(&Value::Array(records)).expect("encode")
+    }
+
+    #[test]
+    fn senml_cbor_skips_labels_it_does_not_use_and_applies_the_base_fields() {
+        let label = |l: i64| Value::Integer(l.into());
+        let bytes = senml_cbor(&[
+            &[
+                (label(-2), Value::Text("urn:dev:x".into())), // bn
+                (label(-3), Value::Integer(100)),             // bt
+                (label(-5), Value::Float(10.0)),              // bv
+                (label(1), Value::Text("m/s2".into())),       // u
+                (label(2), Value::Integer(1)),                // v
+                (label(6), Value::Float(-1.0)),               // t
+            ],
+            &[
+                (label(2), Value::Float(2.5)),
+                (label(4), Value::Bool(true)), // vb
+                (label(6), Value::Integer(0)),
+            ],
+        ]);
+        let samples = decode_samples(&bytes, &LIMITS).expect("decodes");
+        assert_eq!(samples.values, vec![11.0, 12.5]);
+        assert_eq!(samples.ts, Some(100.0));
+
+        for bad in [
+            // A text label, as in SenML JSON.
+            senml_cbor(&[&[(Value::Text("v".into()), Value::Float(1.0))]]),
+            // A value that is not a number.
+            senml_cbor(&[&[(label(2), Value::Text("1.0".into()))]]),
+            // A record that is not a map.
+            serde_cbor::to_vec(&Value::Array(vec![Value::Float(1.0)])).expect("encode"),
+            // No value.
+            senml_cbor(&[&[(label(6), Value::Float(0.0))]]),
+        ] {
+            let err = decode_samples(&bad, &LIMITS).expect_err("must be refused");
+            assert_eq!(err.kind(), "malformed", "{err}");
+        }
     }
 
     #[test]
