@@ -44,11 +44,29 @@ fn main() -> anyhow::Result<()> {
     let config = AgentConfig::load(&args.config, std::env::vars())
         .with_context(|| format!("loading {:?}", args.config))?;
     if args.check_config {
-        edge_agent::serving::ServedModel::load_all(&config)?;
+        let models = edge_agent::serving::ServedModel::load_all(&config)?;
         println!(
             "{}: configuration and models are valid",
             args.config.display()
         );
+        // What the file and the environment came to, as the agent would run it.
+        let topics = protocol::edge::Topics::new(&config.agent.site, &config.agent.gateway);
+        println!(
+            "broker {} as {}, reading {}",
+            config.mqtt.broker(),
+            config.client_id(),
+            topics.data_filter()
+        );
+        for m in &models {
+            println!(
+                "model {} v{}: window {}, stride {}, {:.0} µs a window at load",
+                m.name,
+                m.version,
+                m.window,
+                m.stride,
+                m.probe_time.as_secs_f64() * 1e6
+            );
+        }
         // Opening it (creating it if needed) proves this user can write there.
         if let Some(path) = &config.mqtt.outbox_path {
             let (outbox, set_aside) =

@@ -54,7 +54,17 @@ fn check_config_loads_the_models_and_exits() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("valid"), "{text}");
+    // It says what it would connect to and read.
+    assert!(
+        text.contains("broker 127.0.0.1:1883 as spillway-s-g, reading spillway/s/g/+/data"),
+        "{text}"
+    );
+    assert!(
+        text.contains("model vib v1: window 128, stride 128"),
+        "{text}"
+    );
 }
 
 #[test]
