@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use protocol::edge::{OFFLINE, Status, Topics};
+use protocol::edge::{OFFLINE, Status};
 use protocol::frame::Heartbeat;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use tokio::task::JoinHandle;
@@ -82,7 +82,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     for m in models.all() {
         tracing::info!(model = %m.name, version = m.version, window = m.window, stride = m.stride, "model ready");
     }
-    let topics = Topics::new(&config.agent.site, &config.agent.gateway);
+    let topics = config.topics();
 
     let mut options = match &config.mqtt.unix_socket {
         Some(path) => {

@@ -838,6 +838,11 @@ impl AgentConfig {
         models::offload::Mode::parse(&self.offload.mode).unwrap_or(models::offload::Mode::Off)
     }
 
+    /// This gateway's MQTT topics.
+    pub fn topics(&self) -> protocol::edge::Topics {
+        protocol::edge::Topics::new(&self.agent.site, &self.agent.gateway)
+    }
+
     /// The MQTT client id to use.
     pub fn client_id(&self) -> String {
         if self.mqtt.client_id.is_empty() {

@@ -63,7 +63,7 @@ impl Ingest {
             .collect();
         let default_model = config.sensors.default_model.as_deref().and_then(index);
         Ingest {
-            topics: Topics::new(&config.agent.site, &config.agent.gateway),
+            topics: config.topics(),
             limits: Limits {
                 max_payload_bytes: config.agent.max_payload_bytes,
                 max_samples: MAX_WINDOW,

@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
             args.config.display()
         );
         // What the file and the environment came to, as the agent would run it.
-        let topics = protocol::edge::Topics::new(&config.agent.site, &config.agent.gateway);
+        let topics = config.topics();
         println!(
             "broker {} as {}, reading {}",
             config.mqtt.broker(),
